@@ -1,0 +1,140 @@
+"""Loop control as MCP tools. Each tool maps onto the runtime's public API and nothing more."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+
+from runtime.config import ConfigError
+from runtime.plugins import PluginError
+from runtime.service import RunError, Runtime
+from runtime.spec import SpecError, load_spec, parse_spec_text
+from runtime.store import UnknownRun
+
+INSTRUCTIONS = """Loopwright runs coding agents in loops until an objective check passes. Start a run \
+with start_loop (a loop name from list_loops, or an inline TOML spec); it returns a run id at once. \
+Then poll get_run or block with wait_for_run; read what happened with get_run_trace; stop_run stops it."""
+
+EXPECTED = (SpecError, ConfigError, PluginError, RunError, UnknownRun)
+
+
+@contextlib.contextmanager
+def _as_tool_errors() -> Iterator[None]:
+    """Bad input reaches the calling model as an isError result that says what to do."""
+    try:
+        yield
+    except EXPECTED as error:
+        raise ToolError(str(error)) from error
+
+
+def _run_summary(runtime: Runtime, run_id: str) -> dict[str, Any]:
+    return runtime.status(run_id).to_dict()
+
+
+def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
+    mcp = MCPServer("loopwright", instructions=INSTRUCTIONS, version="0.1.0")
+
+    def loop_file(name: str) -> Path:
+        path = loops_dir / f"{name}.toml"
+        if not path.is_file():
+            known = ", ".join(sorted(p.stem for p in loops_dir.glob("*.toml"))) or "none"
+            raise ToolError(f"no loop named {name!r} in {loops_dir}; defined loops: {known}. Or pass an inline spec.")
+        return path
+
+    @mcp.tool()
+    async def list_loops() -> dict[str, Any]:
+        """The loops defined in the project's loops folder, with their goals and triggers."""
+        loops = []
+        for path in sorted(loops_dir.glob("*.toml")):
+            try:
+                spec = load_spec(path)
+            except SpecError as error:
+                loops.append({"name": path.stem, "file": str(path), "error": str(error)})
+                continue
+            loops.append({"name": spec.name, "file": str(path), "goal": spec.goal,
+                          "triggers": [t.kind for t in spec.trigger]})
+        return {"loops_dir": str(loops_dir), "loops": loops}
+
+    @mcp.tool()
+    async def start_loop(loop: str | None = None, spec: str | None = None) -> dict[str, Any]:
+        """Start a run of a loop and return its run id at once.
+
+        Give `loop`, the name of a loop from list_loops, or `spec`, a whole loop spec as TOML text
+        (its workspace.repo must be an absolute path). Follow the run with get_run or wait_for_run.
+        """
+        if (loop is None) == (spec is None):
+            raise ToolError("give exactly one of `loop` (a name from list_loops) or `spec` (TOML text)")
+        with _as_tool_errors():
+            parsed = load_spec(loop_file(loop)) if loop else parse_spec_text(spec or "", "inline spec")
+            if spec and not Path(parsed.workspace.repo).is_absolute():
+                raise ToolError("an inline spec needs an absolute workspace.repo: the path of the git repository to work on")
+            run = await anyio.to_thread.run_sync(runtime.start_run, parsed)
+            return {"run_id": run.id, "loop": run.loop, "branch": run.branch, "status": run.status}
+
+    @mcp.tool()
+    async def get_run(run_id: str) -> dict[str, Any]:
+        """A run's status, iteration, last verdict with failing checks, spend and tokens, and stop reason."""
+        with _as_tool_errors():
+            return _run_summary(runtime, run_id)
+
+    @mcp.tool()
+    async def list_runs(loop: str | None = None, status: str | None = None, limit: int = 20) -> dict[str, Any]:
+        """Runs, newest first, optionally only of one loop or with one status
+        (queued, running, succeeded, failed, stalled, stopped, error)."""
+        runs = runtime.list_runs(loop, status, max(1, min(limit, 200)))
+        return {"runs": [
+            {"run_id": r.id, "loop": r.loop, "status": r.status, "iteration": r.iteration, "reason": r.reason}
+            for r in runs
+        ]}
+
+    @mcp.tool()
+    async def wait_for_run(run_id: str, timeout_s: float = 60, ctx: Context | None = None) -> dict[str, Any]:
+        """Block until the run finishes or `timeout_s` passes (at most 600), reporting progress at each
+        iteration; then return what get_run returns. Call again if it is still running."""
+        with _as_tool_errors():
+            deadline = anyio.current_time() + max(0.0, min(timeout_s, 600.0))
+            reported = -1
+            while True:
+                summary = _run_summary(runtime, run_id)
+                if ctx is not None and summary["iteration"] != reported:
+                    reported = summary["iteration"]
+                    await ctx.report_progress(reported, summary["max_iterations"],
+                                              f"iteration {reported}: {summary['status']}")
+                if summary["finished_at"] is not None or anyio.current_time() >= deadline:
+                    return summary
+                await anyio.sleep(0.25)
+
+    @mcp.tool()
+    async def get_run_trace(run_id: str, after: int = 0, limit: int = 50, newest: bool = False) -> dict[str, Any]:
+        """A page of a run's trace (model calls with tokens and cost, tool calls, verdicts), oldest first.
+        Pass `after` = the previous page's `next_cursor` to continue, or `newest=true` for the latest events."""
+        with _as_tool_errors():
+            events = runtime.trace(run_id, after=after, limit=max(1, min(limit, 500)), newest=newest)
+            return {"events": events, "next_cursor": events[-1]["seq"] if events else after}
+
+    @mcp.tool()
+    async def stop_run(run_id: str) -> dict[str, Any]:
+        """Ask a running run to stop; it stops before its next model or tool call, with outcome `stopped`."""
+        with _as_tool_errors():
+            run = runtime.stop_run(run_id)
+            return {"run_id": run.id, "status": run.status, "stop_requested": True}
+
+    return mcp
+
+
+def serve_stdio(loops_dir: Path | None = None) -> None:
+    """`loopwright mcp`: this process also executes the runs it starts."""
+    runtime = Runtime()
+    runtime.launch()
+    loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
+    try:
+        build_server(runtime, loops).run("stdio")
+    finally:
+        runtime.shutdown()
+

@@ -1,0 +1,86 @@
+"""Built-in maker `anthropic`: the Messages API with tool use, one conversation per iteration."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import anthropic
+
+from runtime.config import ConfigError, Settings
+from runtime.context import elide_old_tool_results, mark_last_message_for_cache
+from runtime.hookspecs import hookimpl
+from runtime.spec import AgentSpec
+from runtime.types import ToolResult
+
+MAX_RETRIES = 4  # the SDK backs off exponentially on 429, 5xx and 529 (overloaded)
+
+
+def _block(block: Any) -> dict[str, Any]:
+    """The parts of a content block the API accepts back in the next request."""
+    if block.type == "text":
+        return {"type": "text", "text": block.text}
+    if block.type == "tool_use":
+        return {"type": "tool_use", "id": block.id, "name": block.name, "input": block.input}
+    return block.model_dump(exclude_none=True)
+
+
+class AnthropicMaker:
+    def __init__(self, agent: AgentSpec, settings: Settings):
+        if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+            raise ConfigError(
+                "the anthropic maker needs ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) in the environment; "
+                "set ANTHROPIC_BASE_URL too to use another Anthropic-compatible endpoint"
+            )
+        self.agent = agent
+        self.client = anthropic.AsyncAnthropic(max_retries=MAX_RETRIES)
+
+    async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+        try:
+            message = await self.client.messages.create(**request)
+        except anthropic.APIStatusError as error:
+            raise RuntimeError(
+                f"the model API answered {error.status_code} after {MAX_RETRIES} retries: {error.message}"
+            ) from None
+        except anthropic.APIConnectionError as error:
+            raise RuntimeError(f"cannot reach the model API at {self.client.base_url}: {error}") from None
+        return {
+            "content": [_block(b) for b in message.content],
+            "stop_reason": message.stop_reason,
+            "usage": message.usage.model_dump(exclude_none=True),
+        }
+
+    async def take_turn(self, turn) -> str:
+        """Model calls and tool calls until the model ends its turn or the tool budget is spent."""
+        messages: list[dict[str, Any]] = [{"role": "user", "content": turn.opening}]
+        while True:
+            request = {
+                "model": self.agent.model,
+                "max_tokens": self.agent.max_tokens,
+                "system": turn.system,
+                "tools": turn.tools,
+                "messages": mark_last_message_for_cache(elide_old_tool_results(messages)),
+            }
+            reply = await turn.model(self.agent.model, request, self._send)
+            messages.append({"role": "assistant", "content": reply["content"]})
+            calls = [block for block in reply["content"] if block["type"] == "tool_use"]
+            if not calls:
+                return "end_turn"
+            results, spent = [], False
+            for call in calls:
+                if turn.tool_calls_left <= 0:
+                    spent = True
+                    result = ToolResult("Not run: this iteration's tool-call budget (max_tool_calls) is spent.", True)
+                else:
+                    result = await turn.tool(call["id"], call["name"], call["input"])
+                results.append(
+                    {"type": "tool_result", "tool_use_id": call["id"], "content": result.content, "is_error": result.is_error}
+                )
+            messages.append({"role": "user", "content": results})
+            if spent:
+                return "max_tool_calls"
+
+
+@hookimpl(trylast=True)
+def loopwright_register_agents(register):
+    register("anthropic", AnthropicMaker)

@@ -1,0 +1,295 @@
+"""The `loopwright` command. Exit codes: 0 succeeded, 1 a run did not succeed, 2 bad input."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .config import ConfigError
+from .plugins import PluginError
+from .service import RunError, Runtime
+from .spec import SpecError, load_spec
+from .store import UnknownRun
+
+BAD_INPUT = 2
+INPUT_ERRORS = (SpecError, ConfigError, PluginError, RunError, UnknownRun)
+
+
+def fail(message: str, code: int = BAD_INPUT) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+class Group(click.Group):
+    """Bad input becomes one line on stderr and exit code 2, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except INPUT_ERRORS as error:
+            fail(str(error))
+
+
+@click.group(cls=Group)
+@click.version_option(package_name="loopwright")
+def main() -> None:
+    """Loopwright: run coding agents in loops until an objective check passes."""
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
+def validate(files: tuple[Path, ...]) -> None:
+    """Check loop specs without running them; report every problem."""
+    runtime = Runtime()
+    bad = 0
+    for file in files:
+        try:
+            spec = load_spec(file)
+            problems = _plugin_problems(runtime, spec)
+            if problems:
+                raise SpecError(str(file), problems)
+        except SpecError as error:
+            bad += 1
+            click.echo(str(error), err=True)
+        else:
+            click.echo(f"{file}: ok ({spec.name})")
+    sys.exit(BAD_INPUT if bad else 0)
+
+
+def _plugin_problems(runtime: Runtime, spec) -> list[str]:
+    problems = []
+    lookups = [("agent.kind", runtime.host.agent, spec.agent.kind), ("sandbox.kind", runtime.host.sandbox, spec.sandbox.kind)]
+    lookups += [(f"verify[{i}].kind", runtime.host.verifier, c.kind) for i, c in enumerate(spec.verify)]
+    for field, lookup, kind in lookups:
+        try:
+            lookup(kind)
+        except PluginError as error:
+            problems.append(f"{field}: {error}")
+    try:
+        runtime.settings.price(spec.agent.model)
+    except ConfigError as error:
+        problems.append(f"agent.model: {error}")
+    return problems
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+def run(file: Path) -> None:
+    """Run a loop in the foreground, one line per iteration. Ctrl-C stops it."""
+    spec = load_spec(file)
+    problems = _plugin_problems(runtime := Runtime(), spec)
+    if problems:
+        raise SpecError(str(file), problems)
+    runtime.launch()
+    try:
+        started = runtime.start_run(spec)
+        click.echo(f"run {started.id} of loop {spec.name} on branch {started.branch} (stop it with: loopwright stop {started.id})")
+        status = _follow(runtime, started.id)
+    finally:
+        runtime.shutdown()
+    sys.exit(0 if status == "succeeded" else 1)
+
+
+@main.command()
+@click.argument("run_id", required=False)
+def resume(run_id: str | None) -> None:
+    """Continue runs whose process died (from their last finished step) and follow them."""
+    runtime = Runtime()
+    runtime.launch()  # takes over every run whose owning process is gone
+    try:
+        ours = [r.id for r in runtime.list_runs(limit=1000) if not r.finished and r.owner == runtime.owner]
+        if run_id and run_id not in ours:
+            run = runtime.get_run(run_id)
+            if run.finished:
+                fail(f"run {run_id} already finished ({run.status}); nothing to resume", 1)
+            fail(f"run {run_id} belongs to a live process ({run.owner}); it is still running there")
+        ids = [run_id] if run_id else ours
+        if not ids:
+            click.echo("no orphaned runs to resume")
+            return
+        statuses = []
+        for rid in ids:
+            click.echo(f"resuming run {rid}")
+            statuses.append(_follow(runtime, rid))
+    finally:
+        runtime.shutdown()
+    sys.exit(0 if all(s == "succeeded" for s in statuses) else 1)
+
+
+def _follow(runtime: Runtime, run_id: str) -> str:
+    """Print a line per finished iteration until the run ends; the first Ctrl-C asks it to stop."""
+    interrupted = False
+
+    def on_signal(signum, _frame):
+        nonlocal interrupted
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted = True
+        click.echo("stopping after the current step (Ctrl-C again to quit at once)", err=True)
+        runtime.store.request_stop(run_id)
+
+    previous = signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    seen = 0
+    try:
+        while True:
+            for event in runtime.store.events(run_id, after=seen, limit=500):
+                seen = event["seq"]
+                if event["kind"] == "verdict":
+                    click.echo(_iteration_line(runtime, run_id, event))
+            run = runtime.get_run(run_id)
+            if run.finished and not runtime.store.events(run_id, after=seen, limit=1):
+                status = runtime.status(run_id)
+                click.echo(
+                    f"{run.status}: {run.reason} · branch {run.branch}"
+                    + (f" · commit {run.commit_sha[:10]}" if run.commit_sha else "")
+                    + f" · spent ${status.spent_usd:.4f}"
+                )
+                return run.status
+            time.sleep(0.2)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _iteration_line(runtime: Runtime, run_id: str, event: dict[str, Any]) -> str:
+    verdict = event["data"]
+    failing = [c for c in verdict["checks"] if not c["passed"]]
+    result = "pass" if not failing else "FAIL " + ", ".join(c["name"] for c in failing)
+    totals = runtime.store.totals(run_id)
+    return (f"iteration {verdict['iteration']}: {result} · spent ${totals.cost_usd:.4f}"
+            f" · {totals.model_calls} model calls, {totals.tool_calls} tool calls")
+
+
+@main.command()
+@click.option("--loop", help="only runs of this loop")
+@click.option("--status", help="only runs with this status")
+@click.option("--json", "as_json", is_flag=True)
+def runs(loop: str | None, status: str | None, as_json: bool) -> None:
+    """List runs, newest first."""
+    runtime = Runtime()
+    found = runtime.list_runs(loop, status)
+    if as_json:
+        click.echo(json.dumps([runtime.status(r.id).to_dict() for r in found], indent=2))
+        return
+    for r in found:
+        click.echo(f"{r.id}  {r.loop:<24} {r.status:<10} iteration {r.iteration:<3} {_time(r.created_at)}  {r.reason}")
+    if not found:
+        click.echo("no runs")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True)
+def status(run_id: str, as_json: bool) -> None:
+    """A run's status, spend, tokens and last verdict."""
+    s = Runtime().status(run_id)
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    click.echo(f"run {s.id} of loop {s.loop}: {s.status}" + (f" ({s.reason})" if s.reason else ""))
+    click.echo(f"iteration {s.iteration} of {s.max_iterations} · spent ${s.spent_usd:.4f} of ${s.max_cost_usd:.2f}")
+    click.echo(f"tokens: {s.tokens['input']} in, {s.tokens['output']} out, "
+               f"{s.tokens['cache_write']} cache write, {s.tokens['cache_read']} cache read")
+    click.echo(f"{s.model_calls} model calls, {s.tool_calls} tool calls · network: {s.network}")
+    click.echo(f"branch {s.branch}" + (f" · commit {s.commit}" if s.commit else "") + f" · worktree {s.worktree}")
+    if s.last_verdict:
+        for check in s.last_verdict["checks"]:
+            click.echo(f"  {'pass' if check['passed'] else 'FAIL'}  {check['name']}")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per event")
+def trace(run_id: str, as_json: bool) -> None:
+    """Every event of a run: model calls with tokens and cost, tool calls with durations, verdicts."""
+    runtime = Runtime()
+    seen = 0
+    while batch := runtime.trace(run_id, after=seen, limit=500):
+        for event in batch:
+            seen = event["seq"]
+            click.echo(json.dumps(event) if as_json else _event_line(event))
+
+
+def _event_line(e: dict[str, Any]) -> str:
+    head = f"{_time(e['at'])} #{e['iteration']:<2} {e['kind']:<12}"
+    data = e["data"]
+    if e["kind"] == "model_call":
+        return (f"{head} {data['model']} {data['stop_reason']} · in {e['input_tokens']} out {e['output_tokens']}"
+                f" cache w {e['cache_write_tokens']} r {e['cache_read_tokens']} · ${e['cost_usd']:.5f} · {e['duration_ms']:.0f} ms")
+    if e["kind"] == "tool_call":
+        args = json.dumps(data["input"])[:80]
+        return f"{head} {data['tool']} {args} · {'error' if data['is_error'] else 'ok'} · {e['duration_ms']:.0f} ms"
+    if e["kind"] in ("check", "verdict"):
+        if e["kind"] == "check":
+            return f"{head} {data['name']}: {'pass' if data['passed'] else 'FAIL'} · {e['duration_ms']:.0f} ms"
+        return f"{head} {'PASS' if data['passed'] else 'FAIL'}"
+    return f"{head} {json.dumps(data)[:160]}"
+
+
+def _time(ts: float) -> str:
+    return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+@main.command()
+@click.argument("run_id")
+def stop(run_id: str) -> None:
+    """Ask a run to stop; it stops before its next model or tool call."""
+    run = Runtime().stop_run(run_id)
+    click.echo(f"stop requested for run {run.id}")
+
+
+@main.command()
+@click.option("--loops", "loops_dir", type=click.Path(path_type=Path), help="folder of loop specs (default: ./loops)")
+def mcp(loops_dir: Path | None) -> None:
+    """Serve the MCP tools over stdio (for `claude mcp add loopwright -- loopwright mcp`)."""
+    from mcp_server.server import serve_stdio
+
+    serve_stdio(loops_dir.resolve() if loops_dir else None)
+
+
+@main.command()
+def plugins() -> None:
+    """Every plugin with its source, version and hooks, and what it contributes."""
+    host = Runtime().host
+    for info in host.plugins():
+        click.echo(f"{info.name}  ({info.source}{' ' + info.version if info.version else ''})")
+        click.echo(f"    hooks: {', '.join(info.hooks)}")
+    for registry, contributions in host.registries.items():
+        if contributions:
+            click.echo(f"{registry}: " + ", ".join(f"{c.name} [{c.plugin}]" for c in contributions.values()))
+
+
+@main.group()
+def sandbox() -> None:
+    """The sandbox image and leftover containers."""
+
+
+@sandbox.command("build")
+@click.option("--force", is_flag=True, help="rebuild even if the image exists")
+def sandbox_build(force: bool) -> None:
+    """Build the default sandbox image locally (no registry needed)."""
+    from sandbox import build_image
+
+    click.echo(build_image(force=force, log=lambda m: click.echo(m, err=True)))
+
+
+@sandbox.command("gc")
+def sandbox_gc() -> None:
+    """Show sandboxes and remove those whose owning process is gone."""
+    from sandbox import list_sandboxes, reap_orphans
+
+    for box in list_sandboxes():
+        click.echo(f"{box['name']}  run {box['run_id']}  owner pid {box['owner_pid']}  alive {box['alive']}")
+    removed = reap_orphans()
+    click.echo(f"removed {len(removed)} leftover sandbox(es)" + (": " + ", ".join(removed) if removed else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""What the maker sees at the start of each iteration, in a cache-friendly order.
+
+Stable prefix first (tools, system prompt, goal, constraints), marked for prompt caching, so
+every model call of every iteration re-reads it from the cache; then the compact working memory
+(one line per earlier iteration); then the latest verdict in full.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from .spec import LoopSpec
+from .types import Verdict
+
+CACHE = {"type": "ephemeral"}
+KEEP_TOOL_RESULTS = 3  # the newest tool outputs stay whole within an iteration
+ELIDE_BATCH = 3  # older ones are elided in batches, so the cached message prefix changes rarely
+FEEDBACK_LIMIT = 6000
+
+SYSTEM_PROMPT = """You are the maker in a Loopwright loop: an automated loop that gives you a goal, \
+lets you work in a sandboxed copy of a git repository at /workspace, and then checks your work with \
+verifiers you cannot see or influence. Your own claims of success count for nothing; only the \
+verifiers decide. Work in small, checkable steps with the tools. Read before you edit. When you \
+believe the goal is met, end your turn with a short summary; the verifiers then run. If they fail, \
+you will get their output in the next iteration, in a fresh conversation with a working memory of \
+what earlier iterations tried."""
+
+
+def system_blocks(spec: LoopSpec) -> list[dict[str, Any]]:
+    text = SYSTEM_PROMPT
+    if spec.agent.system:
+        text += "\n\n" + spec.agent.system
+    text += f"\n\n# Goal\n{spec.goal}"
+    if spec.constraints:
+        text += "\n\n# Constraints (always hold)\n" + "\n".join(f"- {c}" for c in spec.constraints)
+    checks = "\n".join(f"- {check.label}" for check in spec.verify)
+    text += f"\n\n# How your work is checked\n{checks}"
+    return [{"type": "text", "text": text, "cache_control": CACHE}]
+
+
+def tool_schemas(schemas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    schemas = copy.deepcopy(schemas)
+    if schemas:
+        schemas[-1]["cache_control"] = CACHE
+    return schemas
+
+
+def memory_line(iteration: int, tried: str, verdict: Verdict) -> str:
+    failing = "; ".join(f"{c.name}: {first_line(c.feedback)}" for c in verdict.failing) or "all passed"
+    return f"iteration {iteration}: {tried} -> failed: {failing}"
+
+
+def first_line(text: str, limit: int = 160) -> str:
+    for line in text.splitlines():
+        if line.strip():
+            return line.strip()[:limit]
+    return ""
+
+
+def opening_message(memory: list[str], verdict: Verdict | None, repeated: int) -> str:
+    if verdict is None:
+        return "Start working toward the goal. The repository is at /workspace."
+    parts = ["# Working memory (earlier iterations)", *[f"- {line}" for line in memory], ""]
+    parts.append(f"# Latest verdict (iteration {verdict.iteration}): FAILED")
+    if repeated > 1:
+        parts.append(f"The same failure has now happened {repeated} iterations in a row: try a different approach.")
+    for check in verdict.checks:
+        status = "passed" if check.passed else "FAILED"
+        parts.append(f"\n## {check.name}: {status}")
+        if not check.passed and check.feedback:
+            parts.append(truncate(check.feedback, FEEDBACK_LIMIT))
+    parts.append("\nThe workspace still holds your earlier changes. Fix what failed.")
+    return "\n".join(parts)
+
+
+def truncate(text: str, limit: int, note: str = "") -> str:
+    """Head and tail with a marker in between, so both the start and the end of long output survive."""
+    if len(text) <= limit:
+        return text
+    half = limit // 2
+    marker = f"\n[... {len(text) - 2 * half} characters omitted{note} ...]\n"
+    return text[:half] + marker + text[-half:]
+
+
+def elide_old_tool_results(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Replace older tool outputs with a stub so the prompt stays bounded within an iteration."""
+    positions = [
+        (i, j)
+        for i, message in enumerate(messages)
+        if message["role"] == "user" and isinstance(message["content"], list)
+        for j, block in enumerate(message["content"])
+        if block.get("type") == "tool_result"
+    ]
+    excess = len(positions) - KEEP_TOOL_RESULTS
+    if excess < ELIDE_BATCH:
+        return messages
+    elide = positions[: excess - excess % ELIDE_BATCH]
+    messages = copy.deepcopy(messages)
+    for i, j in elide:
+        block = messages[i]["content"][j]
+        size = len(str(block.get("content", "")))
+        block["content"] = f"[older tool output elided ({size} characters); run the tool again if you need it]"
+    return messages
+
+
+def mark_last_message_for_cache(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Cache the conversation so far, so the next call of this iteration reads it back."""
+    messages = copy.deepcopy(messages)
+    last = messages[-1]
+    if isinstance(last["content"], str):
+        last["content"] = [{"type": "text", "text": last["content"]}]
+    last["content"][-1]["cache_control"] = CACHE
+    return messages

@@ -1,0 +1,335 @@
+"""The loop as a durable DBOS workflow: iterations of maker turns and verification, and stop rules.
+
+Every model call, tool call and check is a DBOS step, so a run whose process dies continues, in a
+new process, from its last finished step. The sandbox is not a step: a resumed run gets a new
+container on the same worktree, which holds every change the finished steps made.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import inspect
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import anyio
+from dbos import DBOS
+
+from sandbox import worktree as worktrees
+
+from . import context
+from .spec import LoopSpec
+from .types import CheckResult, Outcome, RunInfo, Sandbox, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext
+
+if TYPE_CHECKING:
+    from .service import Runtime
+
+_runtime: Runtime | None = None
+
+
+def bind_runtime(runtime: Runtime) -> None:
+    """Workflows find the process's runtime here (DBOS calls them with the run id only)."""
+    global _runtime
+    _runtime = runtime
+
+
+class StopRun(Exception):
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+async def step(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """A durable step: its result is recorded, and replayed instead of re-run after a crash."""
+    if inspect.iscoroutinefunction(fn):
+        return await DBOS.run_step_async({"name": name}, fn, *args)
+    return await DBOS.run_step_async({"name": name}, anyio.to_thread.run_sync, fn, *args)
+
+
+@DBOS.workflow(name="loopwright.run")
+async def run_workflow(run_id: str) -> dict[str, Any]:
+    assert _runtime is not None, "bind_runtime() must be called before DBOS.launch()"
+    outcome = await LoopRun(_runtime, run_id).execute()
+    return asdict(outcome)
+
+
+class LoopRun:
+    def __init__(self, runtime: Runtime, run_id: str):
+        self.rt = runtime
+        self.store = runtime.store
+        self.row = self.store.get_run(run_id)
+        self.spec = LoopSpec.model_validate(self.row.spec)
+        self.id = run_id
+        self.sandbox: Sandbox | None = None
+        self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
+
+    async def execute(self) -> Outcome:
+        # Runs on every (re)execution, so the trace and `status` name the process that owns the run now.
+        self.store.update_run(self.id, owner=self.rt.owner, status="running")
+        try:
+            ws = await step("prepare_worktree", self._prepare_worktree)
+            self.info.worktree = Path(ws["path"])
+            provider = self.rt.host.sandbox(self.spec.sandbox.kind)
+            self.sandbox = await anyio.to_thread.run_sync(
+                lambda: provider.start(run_id=self.id, worktree=self.info.worktree, spec=self.spec)
+            )
+            await self.rt.host.run_started(self.info)
+            outcome = await self._iterate()
+        except StopRun as stop:
+            outcome = Outcome(stop.status, stop.reason, self.info.iteration)
+        except Exception as error:  # a broken model endpoint, a missing image, a plugin bug
+            outcome = Outcome("error", f"{type(error).__name__}: {error}", self.info.iteration)
+        finally:
+            if self.sandbox is not None:
+                await anyio.to_thread.run_sync(self.sandbox.close)
+        if self.info.worktree != Path("."):
+            outcome.commit = await step("commit", self._commit, outcome.status)
+        await step("finish", self._finish, asdict(outcome))
+        await self.rt.host.run_finished(self.info, outcome)
+        return outcome
+
+    # --- the loop --------------------------------------------------------------------------
+
+    async def _iterate(self) -> Outcome:
+        maker = self.rt.host.agent(self.spec.agent.kind)(self.spec.agent, self.rt.settings)
+        memory: list[str] = []
+        verdict: Verdict | None = None
+        signatures: list[str] = []
+        limits = self.spec.stop
+        for iteration in range(1, limits.max_iterations + 1):
+            self.info.iteration = iteration
+            self.store.update_run(self.id, iteration=iteration)
+            repeated = _repeats(signatures)
+            turn = Turn(self, iteration, context.opening_message(memory, verdict, repeated))
+            ended_by = await maker.take_turn(turn)
+            self._event(f"{iteration}.turn", "turn_end", iteration, {"ended_by": ended_by, "tool_calls": turn.tool_calls})
+            verdict = await self._verify(iteration)
+            if verdict.passed:
+                return Outcome("succeeded", f"all checks passed in iteration {iteration}", iteration)
+            signatures.append(verdict.signature)
+            if _repeats(signatures) >= limits.stall_after:
+                names = ", ".join(c.name for c in verdict.failing)
+                return Outcome(
+                    "stalled", f"stall_after: the same failure ({names}) {limits.stall_after} iterations in a row",
+                    iteration,
+                )
+            memory.append(context.memory_line(iteration, turn.summary(), verdict))
+        return Outcome(
+            "failed", f"max_iterations: {limits.max_iterations} iterations without passing checks", limits.max_iterations
+        )
+
+    async def _verify(self, iteration: int) -> Verdict:
+        changed = await step("changed_files", worktrees.changed_files, self._worktree())
+        checks = [CheckResult(**c) for c in await step("protect", self._protect_check, changed)]
+        for index, check in enumerate(self.spec.verify):
+            result = await step(f"verify:{check.label}", self._run_check, iteration, index, changed)
+            checks.append(CheckResult(**result))
+        verdict = Verdict(iteration, checks)
+        self.store.update_run(self.id, last_verdict=verdict.to_dict())
+        self._event(f"{iteration}.verdict", "verdict", iteration, verdict.to_dict())
+        await self.rt.host.verdict(self.info, iteration, verdict)
+        return verdict
+
+    # --- steps -------------------------------------------------------------------------------
+
+    def _prepare_worktree(self) -> dict[str, str]:
+        wt = worktrees.create_worktree(Path(self.row.repo), self.rt.settings.worktrees, self.spec.name, self.id)
+        self.store.update_run(
+            self.id, worktree=str(wt.path), base_commit=wt.base_commit, branch=wt.branch, started_at=time.time()
+        )
+        self._event("0.start", "run_started", 0, {
+            "worktree": str(wt.path), "branch": wt.branch, "base_commit": wt.base_commit,
+            "network": self.spec.sandbox.network, "image": self.spec.sandbox.image or "default",
+        })
+        return {"path": str(wt.path), "branch": wt.branch, "base_commit": wt.base_commit}
+
+    def _worktree(self) -> worktrees.Worktree:
+        row = self.store.get_run(self.id)
+        return worktrees.Worktree(Path(row.repo), Path(row.worktree), row.branch, row.base_commit)
+
+    def _protect_check(self, changed: list[str]) -> list[dict[str, Any]]:
+        patterns = [p for check in self.spec.verify for p in check.protect]
+        if not patterns:
+            return []
+        touched = sorted({f for f in changed for p in patterns if fnmatch.fnmatch(f, p)})
+        if not touched:
+            return [asdict(CheckResult("protected files", True))]
+        feedback = ("These files are protected (the checks' oracle) and must stay as they were: "
+                    + ", ".join(touched) + ". Restore them and fix the code instead.")
+        return [asdict(CheckResult("protected files", False, feedback, hashlib.sha1(feedback.encode()).hexdigest()[:12]))]
+
+    def _run_check(self, iteration: int, index: int, changed: list[str]) -> dict[str, Any]:
+        check = self.spec.verify[index]
+        verifier = self.rt.host.verifier(check.kind)(check)
+        assert self.sandbox is not None
+        ctx = VerifyContext(self.info, self.sandbox, iteration, changed, lambda: worktrees.diff(self._worktree()))
+        started = time.monotonic()
+        result = verifier.verify(ctx)
+        result.name = check.label
+        result.duration_ms = (time.monotonic() - started) * 1000
+        self._event(f"{iteration}.check.{index}", "check", iteration, asdict(result), duration_ms=result.duration_ms)
+        return asdict(result)
+
+    def _commit(self, status: str) -> str | None:
+        return worktrees.commit_all(self._worktree(), f"loopwright: {self.spec.name} run {self.id} ({status})")
+
+    def _finish(self, outcome: dict[str, Any]) -> None:
+        self.store.update_run(
+            self.id, status=outcome["status"], reason=outcome["reason"], commit_sha=outcome["commit"] or "",
+            finished_at=time.time(),
+        )
+        self._event("end", "run_finished", outcome["iterations"], outcome)
+
+    def _event(self, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> None:
+        self.store.add_event(self.id, key, kind, iteration, data, **numbers)
+
+    def stop_reason(self) -> tuple[str, str] | None:
+        """The stop rules checked before each model call: a person, the wall clock, the budget."""
+        row = self.store.get_run(self.id)
+        if row.stop_requested:
+            return ("stopped", "stopped by a person")
+        limits = self.spec.stop
+        elapsed = time.time() - (row.started_at or row.created_at)
+        if elapsed >= limits.wall_time_s:
+            return ("failed", f"max_wall_time: ran {elapsed:.0f}s, the limit is {limits.max_wall_time}")
+        spent = self.store.totals(self.id).cost_usd
+        if spent >= limits.max_cost_usd:
+            return ("failed", f"max_cost_usd: spent ${spent:.4f} of ${limits.max_cost_usd:.2f}")
+        return None
+
+
+def _repeats(signatures: list[str]) -> int:
+    """How many iterations in a row, ending with the last, failed the same way."""
+    count = 0
+    for signature in reversed(signatures):
+        if signature != signatures[-1]:
+            break
+        count += 1
+    return count
+
+
+class Turn:
+    """One iteration of the maker, as the maker plugin sees it: durable model and tool calls."""
+
+    def __init__(self, run: LoopRun, iteration: int, opening: str):
+        self._run = run
+        self.iteration = iteration
+        self.spec = run.spec
+        self.system = context.system_blocks(run.spec)
+        self.tools = context.tool_schemas([tool.schema() for tool in run.rt.host.tools()])
+        self.opening = opening
+        self.tool_calls = 0
+        self._model_calls = 0
+        self._tried: list[str] = []
+        self._last_text = ""
+
+    @property
+    def tool_calls_left(self) -> int:
+        return self.spec.agent.max_tool_calls - self.tool_calls
+
+    def summary(self) -> str:
+        tried = ", ".join(self._tried[-6:]) or "no tool calls"
+        said = f'; said "{context.first_line(self._last_text, 120)}"' if self._last_text else ""
+        return f"{self.tool_calls} tool calls ({tried}){said}"
+
+    async def model(self, model: str, request: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
+        """Call the model through `send` as a durable step, after checking the stop rules."""
+        self._model_calls += 1
+        key = f"{self.iteration}.model.{self._model_calls}"
+        reply = await step(f"model:{key}", self._model_step, key, model, request, send)
+        if "stop" in reply:
+            raise StopRun(*reply["stop"])
+        self._last_text = " ".join(b.get("text", "") for b in reply["content"] if b.get("type") == "text") or self._last_text
+        return reply
+
+    async def _model_step(self, key: str, model: str, request: dict[str, Any], send: Callable) -> dict[str, Any]:
+        reason = await anyio.to_thread.run_sync(self._run.stop_reason)
+        if reason:
+            return {"stop": list(reason)}
+        settings = self._run.rt.settings
+        settings.price(model)  # fail before spending when the price is unknown
+        started = time.monotonic()
+        reply = await send(request)
+        duration = (time.monotonic() - started) * 1000
+        usage = reply["usage"]
+        cost = settings.cost(model, usage)
+        blocks = [_trace_block(b) for b in reply["content"]]
+        self._run._event(
+            key, "model_call", self.iteration,
+            {"model": model, "stop_reason": reply.get("stop_reason"), "content": blocks},
+            input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
+            cache_write_tokens=usage.get("cache_creation_input_tokens") or 0,
+            cache_read_tokens=usage.get("cache_read_input_tokens") or 0, cost_usd=cost, duration_ms=duration,
+        )
+        return reply
+
+    async def tool(self, call_id: str, name: str, arguments: dict[str, Any]) -> ToolResult:
+        """Run one tool call as a durable step: policy hooks, the sandbox, the trace."""
+        self.tool_calls += 1
+        self._tried.append(name)
+        key = f"{self.iteration}.tool.{self.tool_calls}"
+        result = await step(f"tool:{key}:{name}", self._tool_step, key, call_id, name, arguments)
+        if "stop" in result:
+            raise StopRun(*result["stop"])
+        return ToolResult(result["content"], result["is_error"])
+
+    async def _tool_step(self, key: str, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        run = self._run
+        if (await anyio.to_thread.run_sync(run.store.get_run, run.id)).stop_requested:
+            return {"stop": ["stopped", "stopped by a person"]}
+        call = ToolCall(call_id, name, arguments, self.iteration)
+        started = time.monotonic()
+        decision = await run.rt.host.before_tool_call(run.info, call)
+        if decision.action == "deny":
+            result = ToolResult(f"This call was denied: {decision.reason}", is_error=True, details={"denied": True})
+        else:
+            result = await self._call_tool(call)
+            await run.rt.host.after_tool_call(run.info, call, result)
+        duration = (time.monotonic() - started) * 1000
+        result.content = self._cap_output(key, result.content)
+        run._event(
+            key, "tool_call", self.iteration,
+            {"tool": name, "input": arguments, "is_error": result.is_error,
+             "output": context.truncate(result.content, 2000), **result.details},
+            duration_ms=duration,
+        )
+        return {"content": result.content, "is_error": result.is_error}
+
+    async def _call_tool(self, call: ToolCall) -> ToolResult:
+        tools = {tool.name: tool for tool in self._run.rt.host.tools()}
+        tool = tools.get(call.name)
+        if tool is None:
+            return ToolResult(f"Unknown tool {call.name!r}. Available tools: {', '.join(sorted(tools))}.", is_error=True)
+        assert self._run.sandbox is not None
+        ctx = ToolContext(self._run.info, self._run.sandbox, self.spec.sandbox.tool_timeout_s, self._run.rt.settings.output_limit)
+        try:
+            if inspect.iscoroutinefunction(tool.handler):
+                result = await tool.handler(ctx, call.input)
+            else:
+                result = await anyio.to_thread.run_sync(tool.handler, ctx, call.input)
+        except Exception as error:  # a tool failing is information for the maker, not the end of the run
+            return ToolResult(f"The tool {call.name!r} failed: {error}", is_error=True)
+        return result if isinstance(result, ToolResult) else ToolResult(str(result))
+
+    def _cap_output(self, key: str, content: str) -> str:
+        """Long output: the model sees head and tail; the whole of it is kept in the run's folder."""
+        limit = self._run.rt.settings.output_limit
+        if len(content) <= limit:
+            return content
+        folder = self._run.rt.settings.runs_dir / self._run.id / "outputs"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{key}.txt"
+        path.write_text(content, encoding="utf-8")
+        return context.truncate(content, limit, note=f"; full output in {path}")
+
+
+def _trace_block(block: dict[str, Any]) -> dict[str, Any]:
+    if block.get("type") == "text":
+        return {"type": "text", "text": context.truncate(block["text"], 4000)}
+    if block.get("type") == "tool_use":
+        return {"type": "tool_use", "name": block["name"], "input": block["input"]}
+    return {"type": block.get("type", "?")}

@@ -1,0 +1,154 @@
+"""The plugin contract: every hook Loopwright calls, when it fires, and what its answer means.
+
+Plugins implement these with ``@hookimpl`` (``from runtime.hookspecs import hookimpl``) and may accept
+any subset of a hook's arguments. Registration hooks receive a ``register`` callback; the host
+records which plugin contributed what and resolves name clashes (the first registration in
+pluggy's call order wins, and built-ins register ``trylast`` so a third party can override them).
+Lifecycle hooks may return a value, a callable or an awaitable; the host awaits it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .types import Decision, Outcome, RunInfo, ToolCall, ToolResult, Verdict
+
+PROJECT = "loopwright"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+# --- start-up: registration -----------------------------------------------------------------
+
+
+@hookspec
+def loopwright_register_automations(register: Callable[[str, Any], None]) -> None:
+    """Contribute trigger kinds (``cron``, ``webhook``, ``watch``, ``after``).
+
+    Fires once when the plugin host is built.
+
+    :param register: ``register(kind, factory)``; ``factory(trigger_spec)`` returns the trigger.
+    """
+
+
+@hookspec
+def loopwright_register_skill_sources(register: Callable[[str, Any], None]) -> None:
+    """Contribute places where Agent Skills folders are found.
+
+    Fires once when the plugin host is built.
+
+    :param register: ``register(name, source)``; ``source(spec)`` returns skill folder paths.
+    """
+
+
+@hookspec
+def loopwright_register_tools(register: Callable[[Any], None]) -> None:
+    """Contribute tools the maker may call (connectors).
+
+    Fires once when the plugin host is built.
+
+    :param register: ``register(tool)`` with a :class:`runtime.types.Tool`; its handler receives a
+        :class:`runtime.types.ToolContext` and the model's input, and returns a ``ToolResult`` or a string.
+    """
+
+
+@hookspec
+def loopwright_register_agents(register: Callable[[str, Any], None]) -> None:
+    """Contribute maker and checker kinds (``anthropic``, ``command``, ``rubric``).
+
+    Fires once when the plugin host is built.
+
+    :param register: ``register(kind, factory)``; ``factory(agent_spec, settings)`` returns an object
+        with ``async take_turn(turn)`` that drives one iteration of the maker.
+    """
+
+
+@hookspec
+def loopwright_register_memory(register: Callable[[str, Any], None]) -> None:
+    """Contribute memory kinds (``notes``, ``kv``): state that outlives a context window or a run.
+
+    Fires once when the plugin host is built.
+
+    :param register: ``register(kind, factory)``.
+    """
+
+
+@hookspec
+def loopwright_register_verifiers(register: Callable[[str, Any], None]) -> None:
+    """Contribute verifier kinds (``command``, ``rubric``), named by ``[[verify]] kind``.
+
+    Fires once when the plugin host is built.
+
+    :param register: ``register(kind, factory)``; ``factory(verify_spec)`` returns an object with
+        ``verify(ctx) -> CheckResult``, run after every iteration, apart from the maker.
+    """
+
+
+@hookspec
+def loopwright_register_sandboxes(register: Callable[[str, Any], None]) -> None:
+    """Contribute sandbox kinds (``docker``), named by ``[sandbox] kind``.
+
+    Fires once when the plugin host is built.
+
+    :param register: ``register(kind, provider)``; the provider has ``start(run_id=, worktree=, spec=)``
+        returning a sandbox, and ``reap_orphans()`` removing sandboxes whose owner process is gone.
+    """
+
+
+# --- lifecycle ------------------------------------------------------------------------------
+
+
+@hookspec
+def loopwright_run_started(run: RunInfo) -> None:
+    """A run begins executing (also when a run resumes in a new process).
+
+    :param run: the run's id, loop name, spec, branch and worktree.
+    :return: ignored.
+    """
+
+
+@hookspec(firstresult=True)
+def loopwright_before_tool_call(run: RunInfo, call: ToolCall) -> Decision | None:
+    """Before each tool call of the maker; may allow or deny it.
+
+    Stops at the first non-None result.
+
+    :param run: the run.
+    :param call: the tool's name, the model's input and the iteration.
+    :return: ``Decision.deny(reason)`` to refuse the call (the maker reads the reason),
+        ``Decision.allow()`` to allow it without asking other plugins, or None to abstain.
+    """
+
+
+@hookspec
+def loopwright_after_tool_call(run: RunInfo, call: ToolCall, result: ToolResult) -> None:
+    """After each tool call that ran (not after a denied one).
+
+    :param run: the run.
+    :param call: the call as the model made it.
+    :param result: what the maker will see.
+    :return: ignored.
+    """
+
+
+@hookspec
+def loopwright_verdict(run: RunInfo, iteration: int, verdict: Verdict) -> None:
+    """After each verification.
+
+    :param run: the run.
+    :param iteration: the iteration just verified, from 1.
+    :param verdict: every check's result; ``verdict.passed`` is True when all passed.
+    :return: ignored.
+    """
+
+
+@hookspec
+def loopwright_run_finished(run: RunInfo, outcome: Outcome) -> None:
+    """A run ends, whatever its outcome. Chaining and notifications live here.
+
+    :param run: the run.
+    :param outcome: ``succeeded``, ``failed``, ``stalled``, ``stopped`` or ``error``, with the reason.
+    :return: ignored.
+    """

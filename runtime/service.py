@@ -1,0 +1,205 @@
+"""The runtime's public API, used by the CLI and the MCP server: start, watch and stop runs."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Settings, load_settings
+from .plugins import PluginHost, make_plugin_host
+from .spec import LoopSpec
+from .store import Run, Store, new_run_id
+
+log = logging.getLogger(__name__)
+VERSION = "0.1.0"
+
+
+class RunError(Exception):
+    """A request about a run that cannot be honoured; the message says what to do instead."""
+
+
+def process_start_time(pid: int) -> str:
+    """The kernel's start time of a process: with the pid, it names a process even across pid reuse."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_is_alive(owner: str) -> bool:
+    host, pid, started = (owner.split(":") + ["", "", ""])[:3]
+    if host != socket.gethostname():
+        return True  # another machine's process: not ours to judge
+    return bool(pid) and process_start_time(int(pid)) == started
+
+
+@dataclass
+class RunStatus:
+    """What `status` and the `get_run` tool report."""
+
+    id: str
+    loop: str
+    status: str
+    reason: str
+    iteration: int
+    max_iterations: int
+    branch: str
+    worktree: str
+    commit: str
+    network: str
+    spent_usd: float
+    max_cost_usd: float
+    tokens: dict[str, int]
+    model_calls: int
+    tool_calls: int
+    last_verdict: dict[str, Any] | None
+    stop_requested: bool
+    created_at: float
+    finished_at: float | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Runtime:
+    """One per process. Read-only use needs no launch; executing runs needs `launch()`."""
+
+    def __init__(self, settings: Settings | None = None, host: PluginHost | None = None):
+        self.settings = settings or load_settings()
+        self.store = Store(self.settings.database_url)
+        self._host = host
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
+        self.launched = False
+
+    @property
+    def host(self) -> PluginHost:
+        if self._host is None:
+            self._host = make_plugin_host(self.settings)
+        return self._host
+
+    # --- executing -----------------------------------------------------------------------------
+
+    def launch(self) -> None:
+        """Start the durable executor, clear sandboxes of dead processes, take over their runs."""
+        from dbos import DBOS
+
+        from .engine import bind_runtime
+
+        bind_runtime(self)
+        for name in ("dbos", "dbos._logger"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        DBOS(config={
+            "name": "loopwright",
+            "system_database_url": self.settings.database_url,
+            "executor_id": self.owner,
+            "application_version": VERSION,
+            "log_level": "WARNING",
+        })
+        DBOS.launch()
+        self.launched = True
+        for contribution in self.host.registries["sandboxes"].values():
+            removed = contribution.value.reap_orphans()
+            if removed:
+                log.warning("removed sandboxes left by dead processes: %s", ", ".join(removed))
+        self.recover_orphaned_runs()
+
+    def recover_orphaned_runs(self) -> list[str]:
+        """Runs whose owning process died continue here, from their last finished step."""
+        from dbos import DBOS
+
+        taken = []
+        for run in self.store.list_runs(limit=1000):
+            if run.finished or run.owner == self.owner or owner_is_alive(run.owner):
+                continue
+            handles = DBOS._recover_pending_workflows([run.owner])
+            if not handles and DBOS.get_workflow_status(run.id) is None:
+                self._start_workflow(run.id)  # the process died before the workflow was recorded
+            self.store.update_run(run.id, owner=self.owner)
+            taken.append(run.id)
+        return taken
+
+    def preflight(self, spec: LoopSpec) -> None:
+        """Refuse a run that cannot work, before anything is created."""
+        self.host.agent(spec.agent.kind)(spec.agent, self.settings)
+        self.host.sandbox(spec.sandbox.kind)
+        for check in spec.verify:
+            self.host.verifier(check.kind)
+        self.settings.price(spec.agent.model)
+        repo = Path(spec.workspace.repo)
+        if not (repo / ".git").exists():
+            raise RunError(f"workspace.repo {str(repo)!r} is not a git repository: point it at one (relative to the spec file)")
+
+    def start_run(self, spec: LoopSpec) -> Run:
+        """Create a run and start it in the background; returns at once."""
+        if not self.launched:
+            raise RunError("this process does not execute runs; use `loopwright run` or the MCP server")
+        self.preflight(spec)
+        run_id = new_run_id()
+        run = self.store.create_run(
+            run_id, spec.name, spec.model_dump(mode="json"), spec.workspace.repo, f"loopwright/{spec.name}/{run_id}"
+        )
+        self.store.update_run(run_id, owner=self.owner)
+        self._start_workflow(run_id)
+        return run
+
+    def _start_workflow(self, run_id: str) -> None:
+        from dbos import DBOS, SetWorkflowID
+
+        from .engine import run_workflow
+
+        with SetWorkflowID(run_id):
+            DBOS.start_workflow(run_workflow, run_id)
+
+    def shutdown(self) -> None:
+        if self.launched:
+            from dbos import DBOS
+
+            DBOS.destroy(destroy_registry=False)
+            self.launched = False
+
+    # --- reading and steering --------------------------------------------------------------------
+
+    def get_run(self, run_id: str) -> Run:
+        return self.store.get_run(run_id)
+
+    def status(self, run_id: str) -> RunStatus:
+        run = self.store.get_run(run_id)
+        totals = self.store.totals(run_id)
+        spec = run.spec
+        return RunStatus(
+            id=run.id, loop=run.loop, status=run.status, reason=run.reason, iteration=run.iteration,
+            max_iterations=spec["stop"]["max_iterations"], branch=run.branch, worktree=run.worktree,
+            commit=run.commit_sha, network=spec["sandbox"]["network"], spent_usd=round(totals.cost_usd, 6),
+            max_cost_usd=spec["stop"]["max_cost_usd"],
+            tokens={"input": totals.input_tokens, "output": totals.output_tokens,
+                    "cache_write": totals.cache_write_tokens, "cache_read": totals.cache_read_tokens},
+            model_calls=totals.model_calls, tool_calls=totals.tool_calls, last_verdict=run.last_verdict,
+            stop_requested=run.stop_requested, created_at=run.created_at, finished_at=run.finished_at,
+        )
+
+    def list_runs(self, loop: str | None = None, status: str | None = None, limit: int = 50) -> list[Run]:
+        return self.store.list_runs(loop, status, limit)
+
+    def stop_run(self, run_id: str) -> Run:
+        run = self.store.get_run(run_id)
+        if run.finished:
+            raise RunError(f"run {run_id} already finished ({run.status}); nothing to stop")
+        return self.store.request_stop(run_id)
+
+    def trace(self, run_id: str, after: int = 0, limit: int = 100, newest: bool = False) -> list[dict[str, Any]]:
+        self.store.get_run(run_id)
+        return self.store.events(run_id, after, limit, newest)
+
+    def wait(self, run_id: str, timeout: float, poll: float = 0.2) -> Run:
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.store.get_run(run_id)
+            if run.finished or time.monotonic() >= deadline:
+                return run
+            time.sleep(poll)

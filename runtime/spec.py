@@ -1,0 +1,188 @@
+"""Loop specs: TOML files validated by pydantic before anything runs."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_MEMORY = re.compile(r"^\d+[bkmg]?$", re.IGNORECASE)
+
+
+def parse_duration(value: str | int | float) -> float:
+    """Seconds from `90`, `"90s"`, `"30m"`, `"2h"`."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"expected a duration such as '90s', '30m' or '2h', got {value!r}")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Workspace(_Section):
+    repo: str = "."
+
+
+class SandboxSpec(_Section):
+    kind: str = "docker"
+    image: str | None = None  # None: the locally built default image
+    network: Literal["none", "bridge"] = "none"
+    memory: str = "1g"
+    pids_limit: int = Field(256, ge=16, le=65536)
+    cpus: float = Field(1.0, gt=0, le=64)
+    tool_timeout_s: float = Field(120, gt=0, le=86400)
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str) -> str:
+        if not _MEMORY.match(value):
+            raise ValueError(f"expected a size such as '512m' or '1g', got {value!r}")
+        return value
+
+
+class AgentSpec(_Section):
+    kind: str = "anthropic"
+    model: str = "claude-sonnet-5-5"
+    max_tool_calls: int = Field(40, ge=1, le=10_000)
+    max_tokens: int = Field(8192, ge=1, le=200_000)
+    skills: list[str] = []
+    system: str | None = None  # extra instructions appended to the built-in system prompt
+
+
+class VerifySpec(BaseModel):
+    """One check. `kind` picks the verifier plugin; other keys are that plugin's settings."""
+
+    model_config = ConfigDict(extra="allow")
+    kind: str
+    name: str | None = None
+    run: str | None = None
+    protect: list[str] = []
+    timeout_s: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _command_needs_run(self) -> VerifySpec:
+        if self.kind == "command" and not (self.run and self.run.strip()):
+            raise ValueError("a 'command' check needs 'run', the shell command whose exit code 0 means pass")
+        return self
+
+    @property
+    def label(self) -> str:
+        return self.name or (f"{self.kind}: {self.run}" if self.run else self.kind)
+
+
+class StopSpec(_Section):
+    max_iterations: int = Field(10, ge=1, le=10_000)
+    max_cost_usd: float = Field(5.0, gt=0)
+    max_wall_time: str | float = "30m"
+    stall_after: int = Field(3, ge=2, le=1000)
+
+    @field_validator("max_wall_time")
+    @classmethod
+    def _wall_time(cls, value: str | float) -> str | float:
+        if parse_duration(value) <= 0:
+            raise ValueError("must be longer than zero")
+        return value
+
+    @property
+    def wall_time_s(self) -> float:
+        return parse_duration(self.max_wall_time)
+
+
+class TriggerSpec(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    kind: str
+
+
+class LoopSpec(_Section):
+    name: str = Field(pattern=NAME_PATTERN)
+    goal: str = Field(min_length=1)
+    constraints: list[str] = []
+    workspace: Workspace = Workspace()
+    sandbox: SandboxSpec = SandboxSpec()
+    agent: AgentSpec = AgentSpec()
+    verify: list[VerifySpec] = Field(min_length=1)
+    stop: StopSpec = StopSpec()
+    trigger: list[TriggerSpec] = []
+
+    @field_validator("goal")
+    @classmethod
+    def _goal_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("the goal must say what the loop is for")
+        return value
+
+
+class SpecError(Exception):
+    """A spec that cannot run. `problems` holds one line per problem: where, and what was expected."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__(f"{source}: invalid loop spec\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _location(loc: tuple[Any, ...]) -> str:
+    parts: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            parts[-1:] = [f"{parts[-1]}[{item}]"] if parts else [f"[{item}]"]
+        else:
+            parts.append(str(item))
+    return ".".join(parts) or "(top level)"
+
+
+def _problems(error: ValidationError) -> list[str]:
+    problems = []
+    for item in error.errors():
+        loc = item["loc"]
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown field (check its spelling against docs/loops.md)"
+        elif item["type"] == "string_pattern_mismatch" and loc and loc[-1] == "name":
+            message = "expected lowercase letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit"
+        problems.append(f"{_location(loc)}: {message}")
+    return problems
+
+
+def parse_spec(data: dict[str, Any], source: str = "<inline spec>") -> LoopSpec:
+    """Validate a spec given as a dict (from TOML or an MCP call)."""
+    if not isinstance(data, dict):
+        raise SpecError(source, [f"(top level): expected a table of fields, got {type(data).__name__}"])
+    try:
+        return LoopSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(source, _problems(error)) from None
+
+
+def parse_spec_text(text: str, source: str = "<inline spec>") -> LoopSpec:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(source, [f"not valid TOML: {error}"]) from None
+    return parse_spec(data, source)
+
+
+def load_spec(path: str | Path) -> LoopSpec:
+    """Read and validate `loops/NAME.toml`. A relative `workspace.repo` is relative to the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(str(path), ["file not found"]) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise SpecError(str(path), [f"cannot read the file: {error}"]) from None
+    spec = parse_spec_text(text, str(path))
+    repo = Path(spec.workspace.repo)
+    if not repo.is_absolute():
+        spec.workspace.repo = str((path.parent / repo).resolve())
+    return spec

@@ -1,0 +1,203 @@
+"""Runs and their traces, in the same database as the durable workflows (SQLite or Postgres)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+runs = sa.Table(
+    "loopwright_runs",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("loop", sa.String, nullable=False, index=True),
+    sa.Column("spec", sa.Text, nullable=False),  # JSON of the validated LoopSpec
+    sa.Column("status", sa.String, nullable=False, index=True),
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("iteration", sa.Integer, nullable=False, default=0),
+    sa.Column("repo", sa.Text, nullable=False),
+    sa.Column("branch", sa.Text, nullable=False),
+    sa.Column("worktree", sa.Text, nullable=False, default=""),
+    sa.Column("base_commit", sa.String, nullable=False, default=""),
+    sa.Column("commit_sha", sa.String, nullable=False, default=""),
+    sa.Column("last_verdict", sa.Text, nullable=False, default=""),
+    sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("owner", sa.String, nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+)
+
+events = sa.Table(
+    "loopwright_events",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("key", sa.String, nullable=False),  # makes writes from re-run steps idempotent
+    sa.Column("at", sa.Float, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),
+    sa.Column("iteration", sa.Integer, nullable=False, default=0),
+    sa.Column("data", sa.Text, nullable=False, default="{}"),
+    sa.Column("input_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("output_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cache_write_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cache_read_tokens", sa.Integer, nullable=False, default=0),
+    sa.Column("cost_usd", sa.Float, nullable=False, default=0.0),
+    sa.Column("duration_ms", sa.Float, nullable=False, default=0.0),
+    sa.UniqueConstraint("run_id", "key", name="loopwright_events_run_key"),
+)
+
+
+class UnknownRun(LookupError):
+    def __init__(self, run_id: str):
+        super().__init__(f"no run with id {run_id!r}: list runs with `loopwright runs` or the list_runs tool")
+
+
+def new_run_id() -> str:
+    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class Run:
+    id: str
+    loop: str
+    spec: dict[str, Any]
+    status: str
+    reason: str
+    iteration: int
+    repo: str
+    branch: str
+    worktree: str
+    base_commit: str
+    commit_sha: str
+    last_verdict: dict[str, Any] | None
+    stop_requested: bool
+    owner: str
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.finished_at is not None
+
+
+@dataclass
+class Totals:
+    cost_usd: float
+    input_tokens: int
+    output_tokens: int
+    cache_write_tokens: int
+    cache_read_tokens: int
+    model_calls: int
+    tool_calls: int
+
+
+def _row_to_run(row: Any) -> Run:
+    data = dict(row._mapping)
+    data["spec"] = json.loads(data["spec"])
+    data["last_verdict"] = json.loads(data["last_verdict"]) if data["last_verdict"] else None
+    return Run(**data)
+
+
+class Store:
+    def __init__(self, url: str):
+        kwargs: dict[str, Any] = {}
+        if url.startswith("sqlite"):
+            kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
+        self.engine = sa.create_engine(url, **kwargs)
+        if url.startswith("sqlite"):
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def create_run(self, run_id: str, loop: str, spec: dict[str, Any], repo: str, branch: str) -> Run:
+        with self.engine.begin() as db:
+            db.execute(
+                runs.insert().values(
+                    id=run_id, loop=loop, spec=json.dumps(spec), status="queued", reason="", iteration=0,
+                    repo=repo, branch=branch, worktree="", base_commit="", commit_sha="", last_verdict="",
+                    stop_requested=False, owner="", created_at=time.time(),
+                )
+            )
+        return self.get_run(run_id)
+
+    def get_run(self, run_id: str) -> Run:
+        with self.engine.connect() as db:
+            row = db.execute(runs.select().where(runs.c.id == run_id)).first()
+        if row is None:
+            raise UnknownRun(run_id)
+        return _row_to_run(row)
+
+    def list_runs(self, loop: str | None = None, status: str | None = None, limit: int = 50) -> list[Run]:
+        query = runs.select().order_by(runs.c.created_at.desc()).limit(limit)
+        if loop:
+            query = query.where(runs.c.loop == loop)
+        if status:
+            query = query.where(runs.c.status == status)
+        with self.engine.connect() as db:
+            return [_row_to_run(row) for row in db.execute(query)]
+
+    def update_run(self, run_id: str, **values: Any) -> None:
+        if "last_verdict" in values and isinstance(values["last_verdict"], dict):
+            values["last_verdict"] = json.dumps(values["last_verdict"])
+        with self.engine.begin() as db:
+            db.execute(runs.update().where(runs.c.id == run_id).values(**values))
+
+    def request_stop(self, run_id: str) -> Run:
+        run = self.get_run(run_id)
+        if not run.finished:
+            self.update_run(run_id, stop_requested=True)
+        return self.get_run(run_id)
+
+    def add_event(self, run_id: str, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> None:
+        """Append to the trace once per key; a step that re-runs after a crash does not double it."""
+        values = dict(run_id=run_id, key=key, at=time.time(), kind=kind, iteration=iteration,
+                      data=json.dumps(data, default=str), **numbers)
+        with self.engine.begin() as db:
+            exists = db.execute(
+                sa.select(events.c.seq).where(events.c.run_id == run_id, events.c.key == key)
+            ).first()
+            if exists is None:
+                db.execute(events.insert().values(**values))
+
+    def events(self, run_id: str, after: int = 0, limit: int = 100, newest: bool = False) -> list[dict[str, Any]]:
+        query = sa.select(events).where(events.c.run_id == run_id)
+        if newest:
+            query = query.order_by(events.c.seq.desc()).limit(limit)
+        else:
+            query = query.where(events.c.seq > after).order_by(events.c.seq).limit(limit)
+        with self.engine.connect() as db:
+            rows = [dict(row._mapping) for row in db.execute(query)]
+        if newest:
+            rows.reverse()
+        for row in rows:
+            row["data"] = json.loads(row["data"])
+        return rows
+
+    def totals(self, run_id: str) -> Totals:
+        c = events.c
+        query = sa.select(
+            sa.func.coalesce(sa.func.sum(c.cost_usd), 0.0),
+            sa.func.coalesce(sa.func.sum(c.input_tokens), 0),
+            sa.func.coalesce(sa.func.sum(c.output_tokens), 0),
+            sa.func.coalesce(sa.func.sum(c.cache_write_tokens), 0),
+            sa.func.coalesce(sa.func.sum(c.cache_read_tokens), 0),
+            sa.func.count().filter(c.kind == "model_call"),
+            sa.func.count().filter(c.kind == "tool_call"),
+        ).where(c.run_id == run_id)
+        with self.engine.connect() as db:
+            return Totals(*db.execute(query).one())
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()

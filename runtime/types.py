@@ -1,0 +1,172 @@
+"""The values that pass between the engine and plugins."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Literal, Protocol
+
+if TYPE_CHECKING:
+    from .spec import LoopSpec, VerifySpec
+
+OUTCOMES = ("succeeded", "failed", "stalled", "stopped", "error")
+ACTIVE_STATUSES = ("queued", "running")
+
+
+@dataclass
+class ExecResult:
+    """What a command run in a sandbox produced."""
+
+    exit_code: int
+    stdout: str
+    stderr: str
+    duration_ms: float
+    timed_out: bool = False
+
+
+class Sandbox(Protocol):
+    """A run's isolated place to execute commands; the worktree is mounted at /workspace."""
+
+    worktree: Path
+
+    def run(self, command: str, *, timeout: float, stdin: bytes | None = None) -> ExecResult: ...
+
+    def close(self) -> None: ...
+
+
+class SandboxProvider(Protocol):
+    """A sandbox kind (`docker`, ...), contributed by `loopwright_register_sandboxes`."""
+
+    def start(self, *, run_id: str, worktree: Path, spec: LoopSpec) -> Sandbox: ...
+
+    def reap_orphans(self) -> list[str]: ...
+
+
+@dataclass
+class RunInfo:
+    """What hooks learn about a run."""
+
+    id: str
+    loop: str
+    spec: LoopSpec
+    branch: str
+    worktree: Path
+    iteration: int = 0
+
+
+@dataclass
+class ToolCall:
+    id: str
+    name: str
+    input: dict[str, Any]
+    iteration: int
+
+
+@dataclass
+class ToolResult:
+    """What the maker sees of a tool call. `is_error` tells the model the call failed."""
+
+    content: str
+    is_error: bool = False
+    details: dict[str, Any] = field(default_factory=dict)  # for the trace only (exit code, duration, ...)
+
+
+@dataclass
+class ToolContext:
+    run: RunInfo
+    sandbox: Sandbox
+    timeout: float
+    output_limit: int
+
+
+ToolHandler = Callable[[ToolContext, dict[str, Any]], "ToolResult | str | Awaitable[ToolResult | str]"]
+
+
+@dataclass
+class Tool:
+    """A tool the maker may call. The JSON schema is sent to the model as is."""
+
+    name: str
+    description: str
+    input_schema: dict[str, Any]
+    handler: ToolHandler
+    plugin: str = ""  # set by the host: which plugin contributed it
+
+    def schema(self) -> dict[str, Any]:
+        return {"name": self.name, "description": self.description, "input_schema": self.input_schema}
+
+
+@dataclass
+class Decision:
+    """A `loopwright_before_tool_call` answer."""
+
+    action: Literal["allow", "deny"]
+    reason: str = ""
+
+    @classmethod
+    def allow(cls) -> Decision:
+        return cls("allow")
+
+    @classmethod
+    def deny(cls, reason: str) -> Decision:
+        return cls("deny", reason)
+
+
+@dataclass
+class CheckResult:
+    """One verifier's answer for one iteration."""
+
+    name: str
+    passed: bool
+    feedback: str = ""  # what the maker should read when it failed
+    signature: str = ""  # stable fingerprint of the failure, for stall detection
+    duration_ms: float = 0.0
+
+
+@dataclass
+class Verdict:
+    iteration: int
+    checks: list[CheckResult]
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.checks)
+
+    @property
+    def failing(self) -> list[CheckResult]:
+        return [check for check in self.checks if not check.passed]
+
+    @property
+    def signature(self) -> str:
+        return "|".join(f"{c.name}:{c.signature}" for c in self.failing)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"iteration": self.iteration, "passed": self.passed, "checks": [asdict(c) for c in self.checks]}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Verdict:
+        return cls(data["iteration"], [CheckResult(**c) for c in data["checks"]])
+
+
+@dataclass
+class VerifyContext:
+    run: RunInfo
+    sandbox: Sandbox
+    iteration: int
+    changed_files: list[str]
+    diff: Callable[[], str]
+
+
+class Verifier(Protocol):
+    def verify(self, ctx: VerifyContext) -> CheckResult: ...
+
+
+VerifierFactory = Callable[["VerifySpec"], Verifier]
+
+
+@dataclass
+class Outcome:
+    status: str  # one of OUTCOMES
+    reason: str
+    iterations: int
+    commit: str | None = None

@@ -1,0 +1,135 @@
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from model_server import ModelServer
+
+
+@pytest.fixture(scope="session")
+def sandbox_image() -> str:
+    """The locally built sandbox image (about a minute the first time, then cached by tag)."""
+    from sandbox import build_image
+
+    return build_image()
+
+
+@pytest.fixture
+def git_repo(tmp_path) -> Path:
+    """A tiny git repository with one commit (README.md)."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+
+    git("init", "-q", "-b", "main")
+    (repo / "README.md").write_text("hello\n")
+    git("add", "README.md")
+    git("-c", "user.name=Test", "-c", "user.email=test@example.invalid", "commit", "-q", "-m", "initial")
+    return repo
+
+
+
+# --- running loops ---------------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "fix-failing-test"
+LOOPWRIGHT = [sys.executable, "-m", "runtime.cli"]
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch) -> Path:
+    """A fresh LOOPWRIGHT_HOME, and no installed third-party plugins."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("LOOPWRIGHT_HOME", str(path))
+    monkeypatch.setenv("LOOPWRIGHT_LOAD_PLUGINS", "")
+    return path
+
+
+@pytest.fixture
+def project(tmp_path, sandbox_image) -> Path:
+    """The fix-failing-test example as a git repository of its own; its spec is loop.toml."""
+    repo = tmp_path / "project"
+    shutil.copytree(EXAMPLE, repo, ignore=shutil.ignore_patterns("run.sh", "__pycache__"))
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["-c", "user.name=T", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "start"]):
+        subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True)
+    return repo
+
+
+def write_spec(repo: Path, **sections) -> Path:
+    """The example's spec with some sections overridden, e.g. stop={"max_iterations": 1}."""
+    spec = tomllib.loads((repo / "loop.toml").read_text())
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            spec.setdefault(key, {}).update(value)
+        else:
+            spec[key] = value
+    path = repo.parent / "spec.toml"
+    spec["workspace"] = {"repo": str(repo)}
+    path.write_text(_toml(spec))
+    return path
+
+
+def _toml(data: dict, prefix: str = "") -> str:
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict) and not _is_table_list(v)}
+    out = [f"{k} = {_value(v)}" for k, v in scalars.items()]
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out += ["", f"[{name}]", _toml(value, f"{name}.")]
+        elif _is_table_list(value):
+            for item in value:
+                out += ["", f"[[{name}]]", _toml(item, f"{name}.")]
+    return "\n".join(out)
+
+
+def _is_table_list(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def _value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)
+
+
+@pytest.fixture
+def model(monkeypatch):
+    """Start a scripted model server: `server = model([...replies])`; the SDK's env points at it."""
+    servers = []
+
+    def start(script, **options) -> ModelServer:
+        server = ModelServer(script, **options).start()
+        servers.append(server)
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", server.url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+def loopwright(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+    """Run the real `loopwright` command in a new process."""
+    return subprocess.run(
+        [*LOOPWRIGHT, *args], cwd=ROOT, capture_output=True, text=True,
+        timeout=timeout, **kwargs,
+    )
+
+
+def trace(run_id: str) -> list[dict]:
+    result = loopwright("trace", run_id, "--json")
+    assert result.returncode == 0, result.stderr
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+def run_id_of(result: subprocess.CompletedProcess) -> str:
+    first = result.stdout.splitlines()[0]
+    assert first.startswith("run "), result.stdout + result.stderr
+    return first.split()[1]
