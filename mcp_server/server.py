@@ -122,8 +122,42 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
     async def stop_run(run_id: str) -> dict[str, Any]:
         """Ask a running run to stop; it stops before its next model or tool call, with outcome `stopped`."""
         with _as_tool_errors():
-            run = runtime.stop_run(run_id)
+            run = await anyio.to_thread.run_sync(runtime.stop_run, run_id)
             return {"run_id": run.id, "status": run.status, "stop_requested": True}
+
+    @mcp.tool()
+    async def pause_run(run_id: str) -> dict[str, Any]:
+        """Pause a run before its next model or tool call (status `paused`); resume_run continues it.
+        Paused time does not count against the run's wall-time limit."""
+        with _as_tool_errors():
+            run = runtime.pause_run(run_id)
+            return {"run_id": run.id, "status": run.status, "pause_requested": True}
+
+    @mcp.tool()
+    async def resume_run(run_id: str) -> dict[str, Any]:
+        """Continue a paused run."""
+        with _as_tool_errors():
+            run = await anyio.to_thread.run_sync(runtime.resume_run, run_id)
+            return {"run_id": run.id, "status": run.status, "pause_requested": False}
+
+    @mcp.tool()
+    async def list_approvals(run_id: str | None = None) -> dict[str, Any]:
+        """Tool calls waiting for a person's decision (all runs, or one), with the rule that gated them.
+        Answer each with decide_approval."""
+        with _as_tool_errors():
+            return {"approvals": [
+                {"approval_id": a["id"], "run_id": a["run_id"], "tool": a["tool"], "input": a["input"],
+                 "rule": a["rule"], "expires_at": a["expires_at"]}
+                for a in runtime.list_approvals(run_id)
+            ]}
+
+    @mcp.tool()
+    async def decide_approval(approval_id: str, allow: bool, note: str = "") -> dict[str, Any]:
+        """Allow or deny a tool call waiting for approval. The maker reads `note` (e.g. why it was denied,
+        or what to do instead); a denied call is not run and the loop goes on."""
+        with _as_tool_errors():
+            decided = await anyio.to_thread.run_sync(runtime.decide_approval, approval_id, allow, note)
+            return {"approval_id": decided["id"], "status": decided["status"], "note": decided["note"]}
 
     return mcp
 

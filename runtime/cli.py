@@ -99,7 +99,7 @@ def run(file: Path) -> None:
 
 @main.command()
 @click.argument("run_id", required=False)
-def resume(run_id: str | None) -> None:
+def recover(run_id: str | None) -> None:
     """Continue runs whose process died (from their last finished step) and follow them."""
     runtime = Runtime()
     runtime.launch()  # takes over every run whose owning process is gone
@@ -108,15 +108,15 @@ def resume(run_id: str | None) -> None:
         if run_id and run_id not in ours:
             run = runtime.get_run(run_id)
             if run.finished:
-                fail(f"run {run_id} already finished ({run.status}); nothing to resume", 1)
+                fail(f"run {run_id} already finished ({run.status}); nothing to recover", 1)
             fail(f"run {run_id} belongs to a live process ({run.owner}); it is still running there")
         ids = [run_id] if run_id else ours
         if not ids:
-            click.echo("no orphaned runs to resume")
+            click.echo("no orphaned runs to recover")
             return
         statuses = []
         for rid in ids:
-            click.echo(f"resuming run {rid}")
+            click.echo(f"recovering run {rid}")
             statuses.append(_follow(runtime, rid))
     finally:
         runtime.shutdown()
@@ -133,7 +133,7 @@ def _follow(runtime: Runtime, run_id: str) -> str:
             raise KeyboardInterrupt
         interrupted = True
         click.echo("stopping after the current step (Ctrl-C again to quit at once)", err=True)
-        runtime.store.request_stop(run_id)
+        runtime.stop_run(run_id)
 
     previous = signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from .service import Runtime
 
 _runtime: Runtime | None = None
+CONTROL_TOPIC = "control"  # messages to a run: stop, resume, approval decisions
+PAUSE_LIMIT_S = 7 * 24 * 3600
 
 
 def bind_runtime(runtime: Runtime) -> None:
@@ -111,6 +113,7 @@ class LoopRun:
             if verdict.passed:
                 return Outcome("succeeded", f"all checks passed in iteration {iteration}", iteration)
             signatures.append(verdict.signature)
+            self.store.update_run(self.id, stall_count=_repeats(signatures))
             if _repeats(signatures) >= limits.stall_after:
                 names = ", ".join(c.name for c in verdict.failing)
                 return Outcome(
@@ -188,18 +191,83 @@ class LoopRun:
         self.store.add_event(self.id, key, kind, iteration, data, **numbers)
 
     def stop_reason(self) -> tuple[str, str] | None:
-        """The stop rules checked before each model call: a person, the wall clock, the budget."""
+        """The stop rules checked before each model call: a person, the wall clock, the budget.
+        A pause request answers ("paused", ...): the run waits, then checks again."""
         row = self.store.get_run(self.id)
         if row.stop_requested:
             return ("stopped", "stopped by a person")
+        if row.pause_requested:
+            return ("paused", "paused by a person")
         limits = self.spec.stop
-        elapsed = time.time() - (row.started_at or row.created_at)
+        elapsed = time.time() - (row.started_at or row.created_at) - row.paused_s
         if elapsed >= limits.wall_time_s:
             return ("failed", f"max_wall_time: ran {elapsed:.0f}s, the limit is {limits.max_wall_time}")
-        spent = self.store.totals(self.id).cost_usd
+        spent = row.spent_usd
         if spent >= limits.max_cost_usd:
             return ("failed", f"max_cost_usd: spent ${spent:.4f} of ${limits.max_cost_usd:.2f}")
         return None
+
+
+    # --- waiting for a person ----------------------------------------------------------------------
+
+    async def _wait_for_message(self, want: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any] | None:
+        """Durably wait for a control message (it survives a restart); a stop message ends the run."""
+        deadline = time.time() + timeout
+        while True:
+            message = await DBOS.recv_async(CONTROL_TOPIC, max(deadline - time.time(), 0.01))
+            if message is None:
+                return None
+            if message.get("type") == "stop":
+                raise StopRun("stopped", "stopped by a person")
+            if want(message):
+                return message
+
+    async def pause(self) -> None:
+        """Wait while paused; the time does not count against max_wall_time."""
+        started = await step("pause", self._set_status, "paused", "paused by a person", "paused")
+        await self._wait_for_message(lambda m: m.get("type") == "resume", PAUSE_LIMIT_S)
+        await step("resume", self._resume_after, started, "resumed")
+
+    async def approve(self, key: str, call: ToolCall, rule: Any) -> ToolResult | None:
+        """A gated call waits for a person; None means allowed, else what the maker reads."""
+        approval_id = f"{self.id}.{key}"
+        started = await step("approval_request", self._request_approval, approval_id, call, rule)
+        await self._wait_for_message(
+            lambda m: m.get("type") == "approval" and m.get("id") == approval_id, rule.timeout_s
+        )
+        decision = await step("approval_resolved", self._resolve_approval, approval_id, started)
+        if decision["status"] == "allowed":
+            return None
+        if decision["status"] == "timed_out":
+            return ToolResult(f"Not run: no person approved this call within {rule.timeout}. Try another way.", True)
+        note = f" Their note: {decision['note']}" if decision["note"] else ""
+        return ToolResult(f"Not run: a person denied this call.{note}", True)
+
+    def _set_status(self, status: str, reason: str, event: str, **data: Any) -> float:
+        self.store.update_run(self.id, status=status)
+        self._event(f"{self.info.iteration}.{event}.{time.time():.6f}", event, self.info.iteration, {"reason": reason, **data})
+        return time.time()
+
+    def _resume_after(self, started: float, event: str, **data: Any) -> None:
+        row = self.store.get_run(self.id)
+        self.store.update_run(self.id, status="running", pause_requested=False,
+                              paused_s=row.paused_s + (time.time() - started))
+        self._event(f"{self.info.iteration}.{event}.{time.time():.6f}", event, self.info.iteration, data)
+
+    def _request_approval(self, approval_id: str, call: ToolCall, rule: Any) -> float:
+        self.store.add_approval(approval_id, self.id, call.iteration, call.name, call.input, rule.describe(), rule.timeout_s)
+        return self._set_status("waiting_approval", rule.describe(), "approval_requested",
+                                approval=approval_id, tool=call.name, input=call.input)
+
+    def _resolve_approval(self, approval_id: str, started: float) -> dict[str, Any]:
+        self.store.decide_approval(approval_id, "timed_out")  # a no-op when a person decided
+        approval = self.store.get_approval(approval_id)
+        assert approval is not None
+        row = self.store.get_run(self.id)
+        self.store.update_run(self.id, status="running", paused_s=row.paused_s + (time.time() - started))
+        self._event(f"{approval_id}.resolved", "approval_resolved", self.info.iteration,
+                    {"approval": approval_id, "status": approval["status"], "note": approval["note"]})
+        return {"status": approval["status"], "note": approval["note"]}
 
 
 def _repeats(signatures: list[str]) -> int:
@@ -240,9 +308,11 @@ class Turn:
         """Call the model through `send` as a durable step, after checking the stop rules."""
         self._model_calls += 1
         key = f"{self.iteration}.model.{self._model_calls}"
-        reply = await step(f"model:{key}", self._model_step, key, model, request, send)
-        if "stop" in reply:
-            raise StopRun(*reply["stop"])
+        while "stop" in (reply := await step(f"model:{key}", self._model_step, key, model, request, send)):
+            status, reason = reply["stop"]
+            if status != "paused":
+                raise StopRun(status, reason)
+            await self._run.pause()
         self._last_text = " ".join(b.get("text", "") for b in reply["content"] if b.get("type") == "text") or self._last_text
         return reply
 
@@ -272,15 +342,25 @@ class Turn:
         self.tool_calls += 1
         self._tried.append(name)
         key = f"{self.iteration}.tool.{self.tool_calls}"
-        result = await step(f"tool:{key}:{name}", self._tool_step, key, call_id, name, arguments)
-        if "stop" in result:
-            raise StopRun(*result["stop"])
+        rule = self.spec.approval_rule(name, arguments)
+        if rule is not None:
+            refused = await self._run.approve(key, ToolCall(call_id, name, arguments, self.iteration), rule)
+            if refused is not None:
+                return refused
+        while "stop" in (result := await step(f"tool:{key}:{name}", self._tool_step, key, call_id, name, arguments)):
+            status, reason = result["stop"]
+            if status != "paused":
+                raise StopRun(status, reason)
+            await self._run.pause()
         return ToolResult(result["content"], result["is_error"])
 
     async def _tool_step(self, key: str, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
         run = self._run
-        if (await anyio.to_thread.run_sync(run.store.get_run, run.id)).stop_requested:
+        row = await anyio.to_thread.run_sync(run.store.get_run, run.id)
+        if row.stop_requested:
             return {"stop": ["stopped", "stopped by a person"]}
+        if row.pause_requested:
+            return {"stop": ["paused", "paused by a person"]}
         call = ToolCall(call_id, name, arguments, self.iteration)
         started = time.monotonic()
         decision = await run.rt.host.before_tool_call(run.info, call)

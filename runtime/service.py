@@ -59,7 +59,9 @@ class RunStatus:
     model_calls: int
     tool_calls: int
     last_verdict: dict[str, Any] | None
+    stall_count: int
     stop_requested: bool
+    pending_approvals: list[dict[str, Any]]
     created_at: float
     finished_at: float | None
 
@@ -76,6 +78,7 @@ class Runtime:
         self._host = host
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
         self.launched = False
+        self._client: Any = None
 
     @property
     def host(self) -> PluginHost:
@@ -180,17 +183,68 @@ class Runtime:
             tokens={"input": totals.input_tokens, "output": totals.output_tokens,
                     "cache_write": totals.cache_write_tokens, "cache_read": totals.cache_read_tokens},
             model_calls=totals.model_calls, tool_calls=totals.tool_calls, last_verdict=run.last_verdict,
-            stop_requested=run.stop_requested, created_at=run.created_at, finished_at=run.finished_at,
+            stall_count=run.stall_count, stop_requested=run.stop_requested,
+            pending_approvals=[
+                {"approval_id": a["id"], "tool": a["tool"], "input": a["input"], "rule": a["rule"]}
+                for a in self.store.list_approvals(run_id)
+            ],
+            created_at=run.created_at, finished_at=run.finished_at,
         )
 
     def list_runs(self, loop: str | None = None, status: str | None = None, limit: int = 50) -> list[Run]:
         return self.store.list_runs(loop, status, limit)
 
-    def stop_run(self, run_id: str) -> Run:
+    def _unfinished(self, run_id: str, action: str) -> Run:
         run = self.store.get_run(run_id)
         if run.finished:
-            raise RunError(f"run {run_id} already finished ({run.status}); nothing to stop")
-        return self.store.request_stop(run_id)
+            raise RunError(f"run {run_id} already finished ({run.status}); nothing to {action}")
+        return run
+
+    def _send(self, run_id: str, message: dict[str, Any]) -> None:
+        """Wake a run that waits durably (paused, or at an approval gate), from any process."""
+        from dbos import DBOSClient
+
+        from .engine import CONTROL_TOPIC
+
+        if self._client is None:
+            self._client = DBOSClient(system_database_url=self.settings.database_url)
+        self._client.send(run_id, message, CONTROL_TOPIC)
+
+    def stop_run(self, run_id: str) -> Run:
+        self._unfinished(run_id, "stop")
+        self.store.update_run(run_id, stop_requested=True)
+        self._send(run_id, {"type": "stop"})
+        return self.store.get_run(run_id)
+
+    def pause_run(self, run_id: str) -> Run:
+        run = self._unfinished(run_id, "pause")
+        if run.pause_requested:
+            raise RunError(f"run {run_id} is already paused or pausing; resume it with resume_run")
+        self.store.update_run(run_id, pause_requested=True)
+        return self.store.get_run(run_id)
+
+    def resume_run(self, run_id: str) -> Run:
+        run = self._unfinished(run_id, "resume")
+        if not run.pause_requested:
+            raise RunError(f"run {run_id} is not paused (it is {run.status}); only a paused run can be resumed")
+        self.store.update_run(run_id, pause_requested=False)
+        self._send(run_id, {"type": "resume"})
+        return self.store.get_run(run_id)
+
+    def list_approvals(self, run_id: str | None = None, pending_only: bool = True) -> list[dict[str, Any]]:
+        if run_id:
+            self.store.get_run(run_id)
+        return self.store.list_approvals(run_id, pending_only)
+
+    def decide_approval(self, approval_id: str, allow: bool, note: str = "") -> dict[str, Any]:
+        approval = self.store.get_approval(approval_id)
+        if approval is None:
+            raise RunError(f"no approval with id {approval_id!r}; list pending ones with list_approvals")
+        if not self.store.decide_approval(approval_id, "allowed" if allow else "denied", note):
+            current = self.store.get_approval(approval_id) or approval
+            raise RunError(f"approval {approval_id} was already decided ({current['status']}); nothing changed")
+        self._send(approval["run_id"], {"type": "approval", "id": approval_id})
+        return self.store.get_approval(approval_id) or approval
 
     def trace(self, run_id: str, after: int = 0, limit: int = 100, newest: bool = False) -> list[dict[str, Any]]:
         self.store.get_run(run_id)

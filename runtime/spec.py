@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import tomllib
 from pathlib import Path
@@ -98,6 +99,34 @@ class StopSpec(_Section):
         return parse_duration(self.max_wall_time)
 
 
+class ApprovalRule(_Section):
+    """Tool calls that wait for a person: the tool name and argument values are glob patterns."""
+
+    tool: str = Field(min_length=1)  # e.g. "run_command" or "*"
+    when: dict[str, str] = {}  # argument name -> pattern, e.g. {command = "git push*"}
+    timeout: str | float = "1h"  # no answer by then denies the call
+
+    @field_validator("timeout")
+    @classmethod
+    def _timeout(cls, value: str | float) -> str | float:
+        if parse_duration(value) <= 0:
+            raise ValueError("must be longer than zero")
+        return value
+
+    @property
+    def timeout_s(self) -> float:
+        return parse_duration(self.timeout)
+
+    def matches(self, tool: str, arguments: dict[str, Any]) -> bool:
+        if not fnmatch.fnmatchcase(tool, self.tool):
+            return False
+        return all(fnmatch.fnmatchcase(str(arguments.get(name, "")), pattern) for name, pattern in self.when.items())
+
+    def describe(self) -> str:
+        conditions = ", ".join(f"{name} matches {pattern!r}" for name, pattern in self.when.items())
+        return f"tool {self.tool!r}" + (f" where {conditions}" if conditions else "")
+
+
 class TriggerSpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     kind: str
@@ -113,6 +142,18 @@ class LoopSpec(_Section):
     verify: list[VerifySpec] = Field(min_length=1)
     stop: StopSpec = StopSpec()
     trigger: list[TriggerSpec] = []
+    approval: list[ApprovalRule] = []
+
+    def approval_rule(self, tool: str, arguments: dict[str, Any]) -> ApprovalRule | None:
+        return next((rule for rule in self.approval if rule.matches(tool, arguments)), None)
+
+    @field_validator("name")
+    @classmethod
+    def _name_makes_a_branch(cls, value: str) -> str:
+        # The name is part of the run's branch, loopwright/<name>/<run-id>; git refuses these.
+        if ".." in value or value.endswith(".lock"):
+            raise ValueError(f"{value!r} cannot be part of a git branch name: no '..' and no '.lock' at the end")
+        return value
 
     @field_validator("goal")
     @classmethod
@@ -150,6 +191,8 @@ def _problems(error: ValidationError) -> list[str]:
             message = "unknown field (check its spelling against docs/loops.md)"
         elif item["type"] == "string_pattern_mismatch" and loc and loc[-1] == "name":
             message = "expected lowercase letters, digits, '.', '_' or '-' (at most 63), starting with a letter or digit"
+        elif item["type"] == "model_type":
+            message = f"expected a table of fields, got {type(item['input']).__name__} {item['input']!r}"
         problems.append(f"{_location(loc)}: {message}")
     return problems
 

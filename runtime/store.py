@@ -29,6 +29,10 @@ runs = sa.Table(
     sa.Column("commit_sha", sa.String, nullable=False, default=""),
     sa.Column("last_verdict", sa.Text, nullable=False, default=""),
     sa.Column("stop_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("pause_requested", sa.Boolean, nullable=False, default=False),
+    sa.Column("paused_s", sa.Float, nullable=False, default=0.0),  # not counted against max_wall_time
+    sa.Column("stall_count", sa.Integer, nullable=False, default=0),
+    sa.Column("spent_usd", sa.Float, nullable=False, default=0.0),  # kept with the trace, read before each call
     sa.Column("owner", sa.String, nullable=False, default=""),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),
@@ -52,6 +56,23 @@ events = sa.Table(
     sa.Column("cost_usd", sa.Float, nullable=False, default=0.0),
     sa.Column("duration_ms", sa.Float, nullable=False, default=0.0),
     sa.UniqueConstraint("run_id", "key", name="loopwright_events_run_key"),
+)
+
+
+approvals = sa.Table(
+    "loopwright_approvals",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),
+    sa.Column("run_id", sa.String, nullable=False, index=True),
+    sa.Column("iteration", sa.Integer, nullable=False),
+    sa.Column("tool", sa.String, nullable=False),
+    sa.Column("input", sa.Text, nullable=False),
+    sa.Column("rule", sa.Text, nullable=False),
+    sa.Column("status", sa.String, nullable=False),  # pending, allowed, denied, timed_out
+    sa.Column("note", sa.Text, nullable=False, default=""),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("expires_at", sa.Float, nullable=False),
+    sa.Column("decided_at", sa.Float),
 )
 
 
@@ -79,6 +100,10 @@ class Run:
     commit_sha: str
     last_verdict: dict[str, Any] | None
     stop_requested: bool
+    pause_requested: bool
+    paused_s: float
+    stall_count: int
+    spent_usd: float
     owner: str
     created_at: float
     started_at: float | None
@@ -123,7 +148,8 @@ class Store:
                 runs.insert().values(
                     id=run_id, loop=loop, spec=json.dumps(spec), status="queued", reason="", iteration=0,
                     repo=repo, branch=branch, worktree="", base_commit="", commit_sha="", last_verdict="",
-                    stop_requested=False, owner="", created_at=time.time(),
+                    stop_requested=False, pause_requested=False, paused_s=0.0, stall_count=0, spent_usd=0.0, owner="",
+                    created_at=time.time(),
                 )
             )
         return self.get_run(run_id)
@@ -150,22 +176,57 @@ class Store:
         with self.engine.begin() as db:
             db.execute(runs.update().where(runs.c.id == run_id).values(**values))
 
-    def request_stop(self, run_id: str) -> Run:
-        run = self.get_run(run_id)
-        if not run.finished:
-            self.update_run(run_id, stop_requested=True)
-        return self.get_run(run_id)
+    # --- approvals ----------------------------------------------------------------------------
+
+    def add_approval(self, approval_id: str, run_id: str, iteration: int, tool: str, input: dict[str, Any],
+                     rule: str, timeout_s: float) -> None:
+        now = time.time()
+        with self.engine.begin() as db:
+            if db.execute(sa.select(approvals.c.id).where(approvals.c.id == approval_id)).first() is None:
+                db.execute(approvals.insert().values(
+                    id=approval_id, run_id=run_id, iteration=iteration, tool=tool, input=json.dumps(input),
+                    rule=rule, status="pending", note="", created_at=now, expires_at=now + timeout_s,
+                ))
+
+    def get_approval(self, approval_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as db:
+            row = db.execute(approvals.select().where(approvals.c.id == approval_id)).first()
+        return _approval(row) if row else None
+
+    def list_approvals(self, run_id: str | None = None, pending_only: bool = True) -> list[dict[str, Any]]:
+        query = approvals.select().order_by(approvals.c.created_at)
+        if run_id:
+            query = query.where(approvals.c.run_id == run_id)
+        if pending_only:
+            query = query.where(approvals.c.status == "pending")
+        with self.engine.connect() as db:
+            return [_approval(row) for row in db.execute(query)]
+
+    def decide_approval(self, approval_id: str, status: str, note: str = "") -> bool:
+        """Record a decision once; False when the approval was no longer pending."""
+        with self.engine.begin() as db:
+            result = db.execute(
+                approvals.update()
+                .where(approvals.c.id == approval_id, approvals.c.status == "pending")
+                .values(status=status, note=note, decided_at=time.time())
+            )
+        return result.rowcount == 1
+
+    # --- the trace ------------------------------------------------------------------------------
 
     def add_event(self, run_id: str, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> None:
-        """Append to the trace once per key; a step that re-runs after a crash does not double it."""
+        """Append to the trace once per key; a step that re-runs after a crash does not double it.
+        A cost is added to the run's spend in the same transaction."""
         values = dict(run_id=run_id, key=key, at=time.time(), kind=kind, iteration=iteration,
                       data=json.dumps(data, default=str), **numbers)
+        insert = _dialect_insert(self.engine)(events).values(**values).on_conflict_do_nothing(
+            index_elements=["run_id", "key"]
+        )
         with self.engine.begin() as db:
-            exists = db.execute(
-                sa.select(events.c.seq).where(events.c.run_id == run_id, events.c.key == key)
-            ).first()
-            if exists is None:
-                db.execute(events.insert().values(**values))
+            added = db.execute(insert).rowcount == 1
+            if added and numbers.get("cost_usd"):
+                db.execute(runs.update().where(runs.c.id == run_id)
+                           .values(spent_usd=runs.c.spent_usd + numbers["cost_usd"]))
 
     def events(self, run_id: str, after: int = 0, limit: int = 100, newest: bool = False) -> list[dict[str, Any]]:
         query = sa.select(events).where(events.c.run_id == run_id)
@@ -194,6 +255,20 @@ class Store:
         ).where(c.run_id == run_id)
         with self.engine.connect() as db:
             return Totals(*db.execute(query).one())
+
+
+def _approval(row: Any) -> dict[str, Any]:
+    data = dict(row._mapping)
+    data["input"] = json.loads(data["input"])
+    return data
+
+
+def _dialect_insert(engine: sa.Engine) -> Any:
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    return insert
 
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
