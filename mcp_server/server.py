@@ -163,9 +163,11 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
 
 
 def serve_stdio(loops_dir: Path | None = None) -> None:
-    """`loopwright mcp`: this process also executes the runs it starts."""
+    """`loopwright mcp`. With a daemon running, the daemon executes the runs, so they outlive this
+    session; without one, this process executes them and a later process recovers what it leaves."""
     runtime = Runtime()
-    runtime.launch()
+    if runtime.running_daemon() is None:
+        runtime.launch()
     loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
     try:
         build_server(runtime, loops).run("stdio")

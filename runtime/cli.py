@@ -89,7 +89,7 @@ def run(file: Path) -> None:
         raise SpecError(str(file), problems)
     runtime.launch()
     try:
-        started = runtime.start_run(spec)
+        started = runtime.start_run(spec, here=True)
         click.echo(f"run {started.id} of loop {spec.name} on branch {started.branch} (stop it with: loopwright stop {started.id})")
         status = _follow(runtime, started.id)
     finally:

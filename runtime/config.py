@@ -30,6 +30,7 @@ class Settings:
     disabled_plugins: list[str] = field(default_factory=list)
     plugin_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     output_limit: int = DEFAULT_OUTPUT_LIMIT
+    max_parallel_runs: int = 4  # per process that executes runs
 
     @property
     def worktrees(self) -> Path:
@@ -97,4 +98,5 @@ def load_settings(project: Path | None = None) -> Settings:
         disabled_plugins=list(plugins.get("disabled", [])),
         plugin_settings={k: v for k, v in plugins.items() if isinstance(v, dict)},
         output_limit=int(data.get("sandbox", {}).get("output_limit", DEFAULT_OUTPUT_LIMIT)),
+        max_parallel_runs=int(data.get("runtime", {}).get("max_parallel_runs", 4)),
     )

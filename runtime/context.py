@@ -8,7 +8,7 @@ every model call of every iteration re-reads it from the cache; then the compact
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 from .spec import LoopSpec
 from .types import Verdict
@@ -27,10 +27,13 @@ you will get their output in the next iteration, in a fresh conversation with a 
 what earlier iterations tried."""
 
 
-def system_blocks(spec: LoopSpec) -> list[dict[str, Any]]:
+def system_blocks(spec: LoopSpec, sections: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """The stable prefix: identical for every call of a run, so it is written to the cache once."""
     text = SYSTEM_PROMPT
     if spec.agent.system:
         text += "\n\n" + spec.agent.system
+    for section in sections:
+        text += "\n\n" + section
     text += f"\n\n# Goal\n{spec.goal}"
     if spec.constraints:
         text += "\n\n# Constraints (always hold)\n" + "\n".join(f"- {c}" for c in spec.constraints)

@@ -11,6 +11,7 @@ import fnmatch
 import hashlib
 import inspect
 import time
+from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
@@ -22,7 +23,9 @@ from sandbox import worktree as worktrees
 
 from . import context
 from .spec import LoopSpec
-from .types import CheckResult, Outcome, RunInfo, Sandbox, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext
+from .types import (
+    CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
+)
 
 if TYPE_CHECKING:
     from .service import Runtime
@@ -52,7 +55,7 @@ async def step(name: str, fn: Callable[..., Any], *args: Any) -> Any:
     return await DBOS.run_step_async({"name": name}, anyio.to_thread.run_sync, fn, *args)
 
 
-@DBOS.workflow(name="loopwright.run")
+@DBOS.workflow(name="loopwright.run")  # service.WORKFLOW
 async def run_workflow(run_id: str) -> dict[str, Any]:
     assert _runtime is not None, "bind_runtime() must be called before DBOS.launch()"
     outcome = await LoopRun(_runtime, run_id).execute()
@@ -67,31 +70,36 @@ class LoopRun:
         self.spec = LoopSpec.model_validate(self.row.spec)
         self.id = run_id
         self.sandbox: Sandbox | None = None
+        self.tools: dict[str, Tool] = {}
+        self.system_sections: list[str] = []
         self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
 
     async def execute(self) -> Outcome:
         # Runs on every (re)execution, so the trace and `status` name the process that owns the run now.
         self.store.update_run(self.id, owner=self.rt.owner, status="running")
-        try:
-            ws = await step("prepare_worktree", self._prepare_worktree)
-            self.info.worktree = Path(ws["path"])
-            provider = self.rt.host.sandbox(self.spec.sandbox.kind)
-            self.sandbox = await anyio.to_thread.run_sync(
-                lambda: provider.start(run_id=self.id, worktree=self.info.worktree, spec=self.spec)
-            )
-            await self.rt.host.run_started(self.info)
-            outcome = await self._iterate()
-        except StopRun as stop:
-            outcome = Outcome(stop.status, stop.reason, self.info.iteration)
-        except Exception as error:  # a broken model endpoint, a missing image, a plugin bug
-            outcome = Outcome("error", f"{type(error).__name__}: {error}", self.info.iteration)
-        finally:
-            if self.sandbox is not None:
-                await anyio.to_thread.run_sync(self.sandbox.close)
+        async with AsyncExitStack() as stack:  # what plugins open for this run closes with it
+            try:
+                ws = await step("prepare_worktree", self._prepare_worktree)
+                self.info.worktree = Path(ws["path"])
+                provider = self.rt.host.sandbox(self.spec.sandbox.kind)
+                self.sandbox = await anyio.to_thread.run_sync(
+                    lambda: provider.start(run_id=self.id, worktree=self.info.worktree, spec=self.spec)
+                )
+                stack.push_async_callback(anyio.to_thread.run_sync, self.sandbox.close)
+                await self.rt.host.run_started(self.info)
+                for tool in [*self.rt.host.tools(), *await self.rt.host.run_tools(self.info, self.sandbox, stack)]:
+                    self.tools.setdefault(tool.name, tool)
+                # A step, so a resumed run sends the same stable prefix (and reads it from the cache).
+                self.system_sections = await step("system_prompt", self.rt.host.system_prompt, self.info)
+                outcome = await self._iterate()
+            except StopRun as stop:
+                outcome = Outcome(stop.status, stop.reason, self.info.iteration)
+            except Exception as error:  # a broken model endpoint, a missing image, a plugin bug
+                outcome = Outcome("error", f"{type(error).__name__}: {error}", self.info.iteration)
         if self.info.worktree != Path("."):
             outcome.commit = await step("commit", self._commit, outcome.status)
         await step("finish", self._finish, asdict(outcome))
-        await self.rt.host.run_finished(self.info, outcome)
+        await step("run_finished_hooks", self.rt.host.run_finished, self.info, outcome)
         return outcome
 
     # --- the loop --------------------------------------------------------------------------
@@ -109,7 +117,7 @@ class LoopRun:
             turn = Turn(self, iteration, context.opening_message(memory, verdict, repeated))
             ended_by = await maker.take_turn(turn)
             self._event(f"{iteration}.turn", "turn_end", iteration, {"ended_by": ended_by, "tool_calls": turn.tool_calls})
-            verdict = await self._verify(iteration)
+            verdict = await self._verify(iteration, turn.summary())
             if verdict.passed:
                 return Outcome("succeeded", f"all checks passed in iteration {iteration}", iteration)
             signatures.append(verdict.signature)
@@ -125,7 +133,7 @@ class LoopRun:
             "failed", f"max_iterations: {limits.max_iterations} iterations without passing checks", limits.max_iterations
         )
 
-    async def _verify(self, iteration: int) -> Verdict:
+    async def _verify(self, iteration: int, summary: str) -> Verdict:
         changed = await step("changed_files", worktrees.changed_files, self._worktree())
         checks = [CheckResult(**c) for c in await step("protect", self._protect_check, changed)]
         for index, check in enumerate(self.spec.verify):
@@ -134,7 +142,7 @@ class LoopRun:
         verdict = Verdict(iteration, checks)
         self.store.update_run(self.id, last_verdict=verdict.to_dict())
         self._event(f"{iteration}.verdict", "verdict", iteration, verdict.to_dict())
-        await self.rt.host.verdict(self.info, iteration, verdict)
+        await step("verdict_hooks", self.rt.host.verdict, self.info, iteration, verdict, summary)  # once per verdict
         return verdict
 
     # --- steps -------------------------------------------------------------------------------
@@ -169,13 +177,28 @@ class LoopRun:
         check = self.spec.verify[index]
         verifier = self.rt.host.verifier(check.kind)(check)
         assert self.sandbox is not None
-        ctx = VerifyContext(self.info, self.sandbox, iteration, changed, lambda: worktrees.diff(self._worktree()))
+        ctx = VerifyContext(
+            self.info, self.sandbox, iteration, changed, lambda: worktrees.diff(self._worktree()),
+            lambda model, usage, ms: self._record_model_call(f"{iteration}.check.{index}.model", iteration, model, usage, ms),
+        )
         started = time.monotonic()
         result = verifier.verify(ctx)
         result.name = check.label
         result.duration_ms = (time.monotonic() - started) * 1000
         self._event(f"{iteration}.check.{index}", "check", iteration, asdict(result), duration_ms=result.duration_ms)
         return asdict(result)
+
+    def _record_model_call(self, key: str, iteration: int, model: str, usage: dict[str, Any], duration_ms: float,
+                           data: dict[str, Any] | None = None) -> float:
+        """Trace a model call with its tokens and cost; the cost counts against max_cost_usd."""
+        cost = self.rt.settings.cost(model, usage)
+        self._event(
+            key, "model_call", iteration, {"model": model, **(data or {})},
+            input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
+            cache_write_tokens=usage.get("cache_creation_input_tokens") or 0,
+            cache_read_tokens=usage.get("cache_read_input_tokens") or 0, cost_usd=cost, duration_ms=duration_ms,
+        )
+        return cost
 
     def _commit(self, status: str) -> str | None:
         return worktrees.commit_all(self._worktree(), f"loopwright: {self.spec.name} run {self.id} ({status})")
@@ -287,8 +310,8 @@ class Turn:
         self._run = run
         self.iteration = iteration
         self.spec = run.spec
-        self.system = context.system_blocks(run.spec)
-        self.tools = context.tool_schemas([tool.schema() for tool in run.rt.host.tools()])
+        self.system = context.system_blocks(run.spec, run.system_sections)
+        self.tools = context.tool_schemas([tool.schema() for tool in run.tools.values()])
         self.opening = opening
         self.tool_calls = 0
         self._model_calls = 0
@@ -320,20 +343,12 @@ class Turn:
         reason = await anyio.to_thread.run_sync(self._run.stop_reason)
         if reason:
             return {"stop": list(reason)}
-        settings = self._run.rt.settings
-        settings.price(model)  # fail before spending when the price is unknown
+        self._run.rt.settings.price(model)  # fail before spending when the price is unknown
         started = time.monotonic()
         reply = await send(request)
-        duration = (time.monotonic() - started) * 1000
-        usage = reply["usage"]
-        cost = settings.cost(model, usage)
-        blocks = [_trace_block(b) for b in reply["content"]]
-        self._run._event(
-            key, "model_call", self.iteration,
-            {"model": model, "stop_reason": reply.get("stop_reason"), "content": blocks},
-            input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
-            cache_write_tokens=usage.get("cache_creation_input_tokens") or 0,
-            cache_read_tokens=usage.get("cache_read_input_tokens") or 0, cost_usd=cost, duration_ms=duration,
+        self._run._record_model_call(
+            key, self.iteration, model, reply["usage"], (time.monotonic() - started) * 1000,
+            {"stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]]},
         )
         return reply
 
@@ -380,7 +395,7 @@ class Turn:
         return {"content": result.content, "is_error": result.is_error}
 
     async def _call_tool(self, call: ToolCall) -> ToolResult:
-        tools = {tool.name: tool for tool in self._run.rt.host.tools()}
+        tools = self._run.tools
         tool = tools.get(call.name)
         if tool is None:
             return ToolResult(f"Unknown tool {call.name!r}. Available tools: {', '.join(sorted(tools))}.", is_error=True)

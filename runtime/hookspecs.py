@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable
 import pluggy
 
 if TYPE_CHECKING:
-    from .types import Decision, Outcome, RunInfo, ToolCall, ToolResult, Verdict
+    from contextlib import AsyncExitStack
+
+    from .types import Decision, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolResult, Verdict
 
 PROJECT = "loopwright"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -109,6 +111,33 @@ def loopwright_run_started(run: RunInfo) -> None:
     """
 
 
+@hookspec
+def loopwright_system_prompt(run: RunInfo) -> str | None:
+    """Add a section to the run's system prompt, the stable prefix read from the prompt cache
+    (e.g. the index of available skills, or notes from earlier runs of the loop).
+
+    Called once per run, before its first model call; the answer is recorded, so a resumed run
+    sends the same prompt.
+
+    :param run: the run.
+    :return: markdown text, or None to add nothing.
+    """
+
+
+@hookspec
+def loopwright_run_tools(run: RunInfo, sandbox: Sandbox, stack: AsyncExitStack) -> list[Tool] | None:
+    """Tools that exist for one run only, such as those of MCP servers its spec declares.
+
+    Called when the run's sandbox is ready (again in a process that resumes the run). Enter
+    anything that must be closed when the run ends into ``stack`` (``await stack.enter_async_context(...)``).
+
+    :param run: the run.
+    :param sandbox: the run's sandbox, for tools that start processes inside it.
+    :param stack: closed when the run ends, in the same task.
+    :return: the tools (names must be unique; a name already taken is ignored), or None.
+    """
+
+
 @hookspec(firstresult=True)
 def loopwright_before_tool_call(run: RunInfo, call: ToolCall) -> Decision | None:
     """Before each tool call of the maker; may allow or deny it.
@@ -134,19 +163,20 @@ def loopwright_after_tool_call(run: RunInfo, call: ToolCall, result: ToolResult)
 
 
 @hookspec
-def loopwright_verdict(run: RunInfo, iteration: int, verdict: Verdict) -> None:
-    """After each verification.
+def loopwright_verdict(run: RunInfo, iteration: int, verdict: Verdict, summary: str) -> None:
+    """After each verification; fires once per verdict, also across a crash and resume.
 
     :param run: the run.
     :param iteration: the iteration just verified, from 1.
     :param verdict: every check's result; ``verdict.passed`` is True when all passed.
+    :param summary: one line on what the maker did in the iteration (tools used, its last words).
     :return: ignored.
     """
 
 
 @hookspec
 def loopwright_run_finished(run: RunInfo, outcome: Outcome) -> None:
-    """A run ends, whatever its outcome. Chaining and notifications live here.
+    """A run ends, whatever its outcome; fires once per run. Chaining and notifications live here.
 
     :param run: the run.
     :param outcome: ``succeeded``, ``failed``, ``stalled``, ``stopped`` or ``error``, with the reason.

@@ -134,6 +134,19 @@ class PluginHost:
         for result in self.pm.hook.loopwright_run_started(run=run):
             await await_me_maybe(result)
 
+    async def system_prompt(self, run: RunInfo) -> list[str]:
+        sections = [await await_me_maybe(r) for r in self.pm.hook.loopwright_system_prompt(run=run)]
+        return [s for s in sections if s]
+
+    async def run_tools(self, run: RunInfo, sandbox: Any, stack: Any) -> list[Tool]:
+        tools: list[Tool] = []
+        for impl in reversed(self.pm.hook.loopwright_run_tools.get_hookimpls()):
+            args = {"run": run, "sandbox": sandbox, "stack": stack}
+            for tool in await await_me_maybe(impl.function(**{k: args[k] for k in impl.argnames})) or []:
+                tool.plugin = impl.plugin_name
+                tools.append(tool)
+        return tools
+
     async def before_tool_call(self, run: RunInfo, call: ToolCall) -> Decision:
         answer = await await_me_maybe(self.pm.hook.loopwright_before_tool_call(run=run, call=call))
         return answer or Decision.allow()
@@ -142,8 +155,8 @@ class PluginHost:
         for value in self.pm.hook.loopwright_after_tool_call(run=run, call=call, result=result):
             await await_me_maybe(value)
 
-    async def verdict(self, run: RunInfo, iteration: int, verdict: Verdict) -> None:
-        for value in self.pm.hook.loopwright_verdict(run=run, iteration=iteration, verdict=verdict):
+    async def verdict(self, run: RunInfo, iteration: int, verdict: Verdict, summary: str) -> None:
+        for value in self.pm.hook.loopwright_verdict(run=run, iteration=iteration, verdict=verdict, summary=summary):
             await await_me_maybe(value)
 
     async def run_finished(self, run: RunInfo, outcome: Outcome) -> None:

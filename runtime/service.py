@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -17,6 +18,9 @@ from .store import Run, Store, new_run_id
 
 log = logging.getLogger(__name__)
 VERSION = "0.1.0"
+RUN_QUEUE = "loopwright-runs"  # every process that executes runs takes queued runs from here
+WORKFLOW = "loopwright.run"
+DAEMON_FILE = "daemon.json"  # written by `loopwright serve`: its owner id and URL
 
 
 class RunError(Exception):
@@ -105,6 +109,7 @@ class Runtime:
             "log_level": "WARNING",
         })
         DBOS.launch()
+        DBOS.register_queue(RUN_QUEUE, worker_concurrency=self.settings.max_parallel_runs, polling_interval_sec=0.2)
         self.launched = True
         for contribution in self.host.registries["sandboxes"].values():
             removed = contribution.value.reap_orphans()
@@ -138,17 +143,24 @@ class Runtime:
         if not (repo / ".git").exists():
             raise RunError(f"workspace.repo {str(repo)!r} is not a git repository: point it at one (relative to the spec file)")
 
-    def start_run(self, spec: LoopSpec) -> Run:
-        """Create a run and start it in the background; returns at once."""
-        if not self.launched:
-            raise RunError("this process does not execute runs; use `loopwright run` or the MCP server")
+    def start_run(self, spec: LoopSpec, *, here: bool = False) -> Run:
+        """Create a run and return at once. With `here`, this process executes it; otherwise it is
+        queued, and the first process that executes runs (a daemon, or an MCP server) takes it."""
+        if here and not self.launched:
+            raise RunError("this process does not execute runs; call launch() first")
         self.preflight(spec)
         run_id = new_run_id()
         run = self.store.create_run(
             run_id, spec.name, spec.model_dump(mode="json"), spec.workspace.repo, f"loopwright/{spec.name}/{run_id}"
         )
-        self.store.update_run(run_id, owner=self.owner)
-        self._start_workflow(run_id)
+        if here:
+            self.store.update_run(run_id, owner=self.owner)
+            self._start_workflow(run_id)
+        else:
+            self._dbos_client().enqueue(
+                {"queue_name": RUN_QUEUE, "workflow_name": WORKFLOW, "workflow_id": run_id, "app_version": VERSION},
+                run_id,
+            )
         return run
 
     def _start_workflow(self, run_id: str) -> None:
@@ -160,11 +172,22 @@ class Runtime:
             DBOS.start_workflow(run_workflow, run_id)
 
     def shutdown(self) -> None:
+        if self._client is not None:
+            self._client.destroy()
+            self._client = None
         if self.launched:
             from dbos import DBOS
 
             DBOS.destroy(destroy_registry=False)
             self.launched = False
+
+    def running_daemon(self) -> dict[str, Any] | None:
+        """The `loopwright serve` process of this LOOPWRIGHT_HOME, if one is alive."""
+        try:
+            info = json.loads((self.settings.home / DAEMON_FILE).read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return info if owner_is_alive(info.get("owner", "")) else None
 
     # --- reading and steering --------------------------------------------------------------------
 
@@ -202,13 +225,17 @@ class Runtime:
 
     def _send(self, run_id: str, message: dict[str, Any]) -> None:
         """Wake a run that waits durably (paused, or at an approval gate), from any process."""
-        from dbos import DBOSClient
-
         from .engine import CONTROL_TOPIC
+
+        self._dbos_client().send(run_id, message, CONTROL_TOPIC)
+
+    def _dbos_client(self) -> Any:
+        """Talks to the durable store without executing anything (no launch needed)."""
+        from dbos import DBOSClient
 
         if self._client is None:
             self._client = DBOSClient(system_database_url=self.settings.database_url)
-        self._client.send(run_id, message, CONTROL_TOPIC)
+        return self._client
 
     def stop_run(self, run_id: str) -> Run:
         self._unfinished(run_id, "stop")

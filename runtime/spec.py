@@ -56,8 +56,17 @@ class AgentSpec(_Section):
     model: str = "claude-sonnet-5-5"
     max_tool_calls: int = Field(40, ge=1, le=10_000)
     max_tokens: int = Field(8192, ge=1, le=200_000)
-    skills: list[str] = []
+    skills: list[str] = []  # skill folders (or folders of them), relative to the spec file
     system: str | None = None  # extra instructions appended to the built-in system prompt
+    # kind = "command": a CLI agent run in the sandbox, e.g. "claude -p \"$(cat {prompt_file})\""
+    command: str | None = None
+    prompt_file: str = ".loopwright/prompt.md"
+
+    @model_validator(mode="after")
+    def _command_maker_needs_command(self) -> AgentSpec:
+        if self.kind == "command" and not (self.command and self.command.strip()):
+            raise ValueError("a 'command' maker needs 'command', the CLI agent to run in the sandbox")
+        return self
 
 
 class VerifySpec(BaseModel):
@@ -66,14 +75,21 @@ class VerifySpec(BaseModel):
     model_config = ConfigDict(extra="allow")
     kind: str
     name: str | None = None
-    run: str | None = None
+    run: str | None = None  # kind = "command": the shell command; exit code 0 means pass
     protect: list[str] = []
     timeout_s: float | None = Field(None, gt=0)
+    model: str | None = None  # kind = "rubric": the reviewer's model
+    rubric: str | None = None  # kind = "rubric": what the diff must satisfy
 
     @model_validator(mode="after")
-    def _command_needs_run(self) -> VerifySpec:
+    def _builtin_kinds(self) -> VerifySpec:
         if self.kind == "command" and not (self.run and self.run.strip()):
             raise ValueError("a 'command' check needs 'run', the shell command whose exit code 0 means pass")
+        if self.kind == "rubric" and not (self.rubric and self.rubric.strip()):
+            raise ValueError("a 'rubric' check needs 'rubric', the criteria the reviewer applies to the diff")
+        if self.kind in ("command", "rubric") and self.model_extra:
+            # Built-in kinds take no other keys, so a typo (e.g. `protcet`) cannot switch a rule off.
+            raise ValueError(f"unknown field(s) {', '.join(sorted(self.model_extra))} for a {self.kind!r} check")
         return self
 
     @property
@@ -97,6 +113,31 @@ class StopSpec(_Section):
     @property
     def wall_time_s(self) -> float:
         return parse_duration(self.max_wall_time)
+
+
+class MemorySpec(_Section):
+    notes: bool = True  # markdown progress notes kept per loop, fed to the next iteration and run
+    kv: bool = True  # memory_get / memory_set tools, scoped to the loop
+    budget_chars: int = Field(4000, ge=200, le=200_000)  # the most memory text one prompt carries
+
+
+class McpServerSpec(_Section):
+    """An MCP server whose tools the maker may call, as mcp__<name>__<tool>."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,40}$")
+    command: list[str] | None = None  # a stdio server, started inside the run's sandbox
+    url: str | None = None  # a streamable HTTP server, reached from the host if http.allow_hosts allows it
+    env: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSpec:
+        if (self.command is None) == (self.url is None):
+            raise ValueError("give exactly one of 'command' (a stdio server run in the sandbox) or 'url'")
+        return self
+
+
+class HttpSpec(_Section):
+    allow_hosts: list[str] = []  # host or host:port the http_request tool and MCP URLs may reach
 
 
 class ApprovalRule(_Section):
@@ -143,6 +184,9 @@ class LoopSpec(_Section):
     stop: StopSpec = StopSpec()
     trigger: list[TriggerSpec] = []
     approval: list[ApprovalRule] = []
+    memory: MemorySpec = MemorySpec()
+    mcp_servers: list[McpServerSpec] = []
+    http: HttpSpec = HttpSpec()
 
     def approval_rule(self, tool: str, arguments: dict[str, Any]) -> ApprovalRule | None:
         return next((rule for rule in self.approval if rule.matches(tool, arguments)), None)
@@ -225,7 +269,6 @@ def load_spec(path: str | Path) -> LoopSpec:
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(str(path), [f"cannot read the file: {error}"]) from None
     spec = parse_spec_text(text, str(path))
-    repo = Path(spec.workspace.repo)
-    if not repo.is_absolute():
-        spec.workspace.repo = str((path.parent / repo).resolve())
+    spec.workspace.repo = str((path.parent / spec.workspace.repo).resolve())  # an absolute one stays
+    spec.agent.skills = [str((path.parent / skill).resolve()) for skill in spec.agent.skills]
     return spec

@@ -155,6 +155,8 @@ class VerifyContext:
     iteration: int
     changed_files: list[str]
     diff: Callable[[], str]
+    # record_model_call(model, usage, duration_ms) -> cost: a checker's model calls count against the budget
+    record_model_call: Callable[[str, dict[str, Any], float], float]
 
 
 class Verifier(Protocol):

@@ -1,87 +1,76 @@
 """One locked-down Docker container per run; every tool call of the run executes in it.
 
-The container idles and each command is a ``docker exec``. The run's worktree is the only
-mount (read-write at /workspace); the root file system is read-only, all capabilities are
-dropped, there is no network unless asked for, and no host environment variable gets in.
-Containers are labelled with their owner process (pid + start time) so containers left by
-a crashed engine can be found and removed by ``reap_orphans``.
+A tool call does not pay for a ``docker exec`` (60-70 ms here): the container's command is the
+in-sandbox agent (``sandbox/agent.py``, mounted read-only from the host), which connects back to
+a Unix socket the host listens on and runs each call in about a millisecond. Images without
+python3 fall back to one ``docker exec`` per call.
+
+The run's worktree is the only writable mount (at /workspace); the root file system is read-only,
+all capabilities are dropped, privileges cannot be regained, there is no network unless asked
+for, and no host environment variable gets in. Containers are labelled with their owner process
+(pid + start time) so containers left by a crashed engine can be found and removed by
+``reap_orphans``; the agent also exits by itself when its owner's connection closes.
 """
 
 from __future__ import annotations
 
 import atexit
+import base64
 import datetime as _dt
+import itertools
+import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .image import SANDBOX_PATH, image_exists
+from .agent import TIMEOUT_EXIT_CODE, CappedOutput
+from .image import SANDBOX_PATH
 
 WORKDIR = "/workspace"
+AGENT_DIR = "/run/loopwright"  # in the container: the agent's code and the host's socket, read-only
+AGENT_SOURCE = Path(__file__).with_name("agent.py")
 SANDBOX_UID_GID = "1000:1000"  # used when the host process is root
 START_TIMEOUT_S = 30.0
+OUTPUT_LIMIT = 2 << 20  # bytes kept per stream of one call (head and tail)
+AGENT_IDLE_S = 3600.0  # the agent exits after this long without calls (a new one starts on demand)
+AGENT_LIFETIME_S = 86400.0  # ... and after this long in all
+TMPFS_SIZE = "64m"
 _HOST_GRACE_S = 15.0  # extra time the host waits beyond the in-container timeout
-TIMEOUT_EXIT_CODE = 124
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LABEL = "loopwright"
 
-# Runs inside the container for every command. It starts `sh -c CMD` in its own session,
-# becomes a child subreaper (so even double-forked/setsid'd descendants stay under it),
-# and when the command ends or times out kills every remaining descendant and reaps it.
-# A tool call therefore never leaves processes behind, and zombies never pile up.
-# It runs with `python3 -I -S` so modules the agent writes into /workspace (the cwd) can
-# never shadow the stdlib modules it imports.
-_SUPERVISOR = r"""
-import ctypes, os, signal, subprocess, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-except Exception:
-    pass
-timeout, cmd = float(sys.argv[1]), sys.argv[2]
-def descendants():
-    kids = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                f = open("/proc/%s/stat" % d).read().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
-                continue
-            kids.setdefault(int(f[1]), []).append((int(d), f[0]))
-    out, stack = [], [os.getpid()]
-    while stack:
-        for pid, state in kids.get(stack.pop(), []):
-            out.append((pid, state)); stack.append(pid)
-    return out
-def kill_all():
-    for _ in range(100):
-        live = [p for p, s in descendants() if s != "Z"]
-        for p in live:
-            try: os.kill(p, signal.SIGKILL)
-            except OSError: pass
-        while True:
-            try:
-                if os.waitpid(-1, os.WNOHANG)[0] == 0: break
-            except ChildProcessError: break
-        if not live: return
-p = subprocess.Popen(["sh", "-c", cmd], start_new_session=True)
-try:
-    rc = p.wait(timeout)
-    timed_out = False
-except subprocess.TimeoutExpired:
-    timed_out = True
-kill_all()
-if timed_out:
-    sys.stderr.write("\nloopwright: command timed out after %gs; it and its children were killed\n" % timeout)
-    sys.stderr.flush()
-    os._exit(124)
-sys.stdout.flush()
-os._exit(rc if rc >= 0 else 128 - rc)
+# The docker-exec path (images without python3): run the command, then kill whatever it left
+# running, i.e. every process but the init (1), the container's main process (the oldest child
+# of the init) and this shell. POSIX sh only, so any image with a shell works.
+_EXEC_WRAPPER = r"""
+sh -c "$1"; rc=$?
+main= first=
+for d in /proc/[0-9]*; do
+  { read -r s < "$d/stat"; } 2>/dev/null || continue
+  set -- ${s##*") "}
+  [ "$2" = 1 ] || continue
+  eval "t=\${20}"
+  if [ -z "$first" ] || [ "$t" -lt "$first" ]; then first=$t main=${d#/proc/}; fi
+done
+rounds=0
+while [ $rounds -lt 50 ]; do
+  rounds=$((rounds + 1)) killed=0
+  for d in /proc/[0-9]*; do
+    p=${d#/proc/}
+    case $p in 1|$$|$main) continue;; esac
+    kill -9 "$p" 2>/dev/null && killed=1
+  done
+  [ $killed = 0 ] && break
+done
+exit $rc
 """
 
 
@@ -149,16 +138,107 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
             os.lchown(os.path.join(dirpath, name), uid, gid)
 
 
-def _parse_user(user: str) -> tuple[int, int]:
-    uid, gid = user.split(":")
-    return int(uid), int(gid)
+def _sandbox_user() -> str:
+    """Root on the host runs the sandbox as an unprivileged uid; anyone else as themselves."""
+    return SANDBOX_UID_GID if os.getuid() == 0 else f"{os.getuid()}:{os.getgid()}"
+
+
+def give_worktree_to_sandbox_user(worktree: Path) -> None:
+    """Make the sandbox user own the worktree's files, so it can edit them (only needed for a root host)."""
+    if os.getuid() == 0:
+        uid, gid = (int(part) for part in SANDBOX_UID_GID.split(":"))
+        _chown_tree(worktree, uid, gid)
+
+
+class _AgentGone(Exception):
+    """The agent's connection closed; ``reason`` is what it said last (idle, lifetime) or why."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class _AgentChannel:
+    """The host's end of the one connection to a sandbox's agent: calls go out, answers come back by id."""
+
+    _MAX_LINE = 64 << 20
+
+    def __init__(self, sock: socket.socket, name: str):
+        self.sock = sock
+        self.reader = sock.makefile("rb")
+        self.ids = itertools.count(1)
+        self.lock = threading.Lock()  # guards pending, gone, and writes to the socket
+        self.pending: dict[int, tuple[threading.Event, list]] = {}
+        self.gone: str | None = None
+        self.hello = self._read_line()
+        if "hello" not in self.hello:
+            raise SandboxError(f"the agent of sandbox {name} sent {self.hello!r} instead of its hello")
+        threading.Thread(target=self._read_answers, name=f"loopwright-agent-{name}", daemon=True).start()
+
+    def _read_line(self) -> dict:
+        line = self.reader.readline(self._MAX_LINE)
+        if not line.endswith(b"\n"):
+            raise _AgentGone("the connection closed")
+        return json.loads(line)
+
+    def _read_answers(self) -> None:
+        reason = "the connection closed"
+        try:
+            while True:
+                answer = self._read_line()
+                if "bye" in answer:
+                    reason = answer["bye"]
+                    continue
+                with self.lock:
+                    waiter = self.pending.pop(answer["id"], None)
+                if waiter is not None:  # an answer nobody waits for any more (timed out on the host)
+                    waiter[1].append(answer)
+                    waiter[0].set()
+        except (_AgentGone, OSError, ValueError):
+            pass
+        with self.lock:
+            self.gone = reason
+            waiters = list(self.pending.values())
+            self.pending.clear()
+        for event, _ in waiters:
+            event.set()
+
+    def call(self, command: str, timeout: float, stdin: bytes | None) -> dict | None:
+        """The agent's answer, or None when none came within ``timeout`` plus a grace period."""
+        event, slot = threading.Event(), []
+        request = {"cmd": command, "timeout": timeout,
+                   "stdin": base64.b64encode(stdin).decode() if stdin is not None else None}
+        with self.lock:
+            if self.gone is not None:
+                raise _AgentGone(self.gone)
+            request["id"] = call_id = next(self.ids)
+            self.pending[call_id] = (event, slot)
+            try:
+                self.sock.sendall((json.dumps(request) + "\n").encode())
+            except OSError as exc:
+                self.pending.pop(call_id, None)
+                raise _AgentGone(f"sending failed: {exc}") from exc
+        if not event.wait(timeout + _HOST_GRACE_S):
+            with self.lock:
+                self.pending.pop(call_id, None)
+            return None
+        if not slot:
+            raise _AgentGone(self.gone or "the connection closed")
+        return slot[0]
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
 
 
 class DockerSandbox:
     """A running sandbox container for one run. Create with ``DockerSandbox.start``."""
 
     def __init__(self, *, container_id: str, name: str, run_id: str, worktree: Path, image: str,
-                 network: str, user: str):
+                 network: str, user: str, channel: _AgentChannel | None, options: dict):
         self.container_id = container_id
         self.name = name
         self.run_id = run_id
@@ -166,90 +246,42 @@ class DockerSandbox:
         self.image = image
         self.network = network
         self.user = user
+        self._channel = channel
+        self._options = options  # what start() was given, to start a fresh agent when one retires
         self._closed = False
-        self._close_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _closed and replacing the container
+        self._exec_lock = threading.Lock()  # the docker-exec path runs one call at a time
 
     def __repr__(self) -> str:
         return f"DockerSandbox(name={self.name!r}, image={self.image!r}, worktree={str(self.worktree)!r})"
 
+    @property
+    def uses_agent(self) -> bool:
+        """False when the image has no python3 and every call is a ``docker exec``."""
+        return self._channel is not None
+
     @classmethod
     def start(cls, *, run_id: str, worktree: Path, image: str, network: str = "none", memory: str = "1g",
-              pids_limit: int = 256, cpus: float = 1.0) -> "DockerSandbox":
-        """Start the run's container; on any failure nothing is left running."""
+              pids_limit: int = 256, cpus: float = 1.0, output_limit: int = OUTPUT_LIMIT, agent: bool = True,
+              agent_idle_s: float = AGENT_IDLE_S, agent_lifetime_s: float = AGENT_LIFETIME_S) -> "DockerSandbox":
+        """Start the run's container and wait until it can run a command; on any failure nothing is left."""
         if not _SAFE_ID.match(run_id):
             raise SandboxError(f"run id {run_id!r} is not usable in a container name; use letters, digits, '.', '_', '-'")
         if network not in ("none", "bridge"):
             raise SandboxError(f"network {network!r} is not allowed; use 'none' (default) or 'bridge'")
         if cpus <= 0:
             raise SandboxError(f"cpus={cpus!r} must be positive")
+        if output_limit < 1024:
+            raise SandboxError(f"output_limit={output_limit!r} is too small; give at least 1024 bytes")
         worktree = Path(worktree).resolve()
         if not worktree.is_dir():
             raise SandboxError(f"worktree {worktree} does not exist; create it (sandbox.create_worktree) before starting")
-        client = _client()
-        if not image_exists(image):
-            raise SandboxError(
-                f"sandbox image {image!r} is not present in the local Docker engine; "
-                "run `loopwright sandbox build` or set `[sandbox] image` to an image you have"
-            )
-
-        if os.getuid() == 0:
-            user = SANDBOX_UID_GID
-            _chown_tree(worktree, *_parse_user(user))  # so the sandbox user owns what it edits
-        else:
-            user = f"{os.getuid()}:{os.getgid()}"
-
-        me = os.getpid()
-        name = f"loopwright-{run_id}-{secrets.token_hex(3)}"
-        labels = {
-            LABEL: "1",
-            "loopwright.run": run_id,
-            "loopwright.owner.pid": str(me),
-            "loopwright.owner.started": _proc_start_time(me) or "",
-            "loopwright.owner.host": socket.gethostname(),
-            "loopwright.created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        try:
-            container = client.containers.run(
-                image,
-                command=["sleep", "infinity"],
-                name=name,
-                detach=True,
-                init=True,  # docker-init reaps anything that still ends up orphaned at pid 1
-                labels=labels,
-                user=user,
-                working_dir=WORKDIR,
-                environment={"HOME": "/tmp", "PATH": SANDBOX_PATH},
-                volumes={str(worktree): {"bind": WORKDIR, "mode": "rw"}},
-                network_mode=network,
-                mem_limit=memory,
-                memswap_limit=memory,
-                pids_limit=pids_limit,
-                nano_cpus=int(cpus * 1e9),
-                cap_drop=["ALL"],
-                security_opt=["no-new-privileges"],
-                read_only=True,
-                tmpfs={"/tmp": "rw,exec,nosuid,nodev,size=64m,mode=1777"},
-            )
-            deadline = time.monotonic() + START_TIMEOUT_S
-            while True:
-                container.reload()
-                if container.status == "running":
-                    break
-                if container.status in ("exited", "dead") or time.monotonic() > deadline:
-                    logs = container.logs(tail=20).decode("utf-8", "replace").strip()
-                    raise SandboxError(
-                        f"sandbox container {name} did not start (status {container.status!r}) from image "
-                        f"{image!r}: {logs or 'no output'}"
-                    )
-                time.sleep(0.05)
-        except Exception as exc:
-            _force_remove(name)
-            if isinstance(exc, SandboxError):
-                raise
-            raise SandboxError(f"could not start sandbox container {name} from image {image!r}: {exc}") from exc
-
-        sb = cls(container_id=container.id, name=name, run_id=run_id, worktree=worktree, image=image,
-                 network=network, user=user)
+        give_worktree_to_sandbox_user(worktree)
+        options = dict(run_id=run_id, worktree=worktree, image=image, network=network, memory=memory,
+                       pids_limit=pids_limit, cpus=cpus, output_limit=output_limit, agent=agent,
+                       agent_idle_s=agent_idle_s, agent_lifetime_s=agent_lifetime_s)
+        sb = cls(**_launch(options), run_id=run_id, worktree=worktree, image=image, network=network,
+                 user=_sandbox_user(), options=options)
         with _live_lock:
             _LIVE.add(sb)
         return sb
@@ -260,48 +292,84 @@ class DockerSandbox:
             raise SandboxError(f"sandbox {self.name} is closed; start a new one for run {self.run_id}")
         if timeout <= 0:
             raise SandboxError(f"timeout={timeout!r} must be positive (seconds)")
-        argv = ["docker", "exec"]
-        if stdin is not None:
-            argv.append("-i")
-        argv += ["-u", self.user, "-w", WORKDIR, self.container_id,
-                 "python3", "-I", "-S", "-c", _SUPERVISOR, repr(float(timeout)), command]
+        channel = self._channel
+        if channel is None:
+            return self.exec_run(command, timeout=timeout, stdin=stdin)
         t0 = time.monotonic()
         try:
-            proc = subprocess.run(
-                argv,
-                input=stdin if stdin is not None else None,
-                stdin=None if stdin is not None else subprocess.DEVNULL,
-                capture_output=True,
-                timeout=timeout + _HOST_GRACE_S,
-            )
-        except subprocess.TimeoutExpired as exc:
-            # The in-container supervisor should have ended it already; the engine is not answering.
-            return ExecResult(
-                exit_code=TIMEOUT_EXIT_CODE,
-                stdout=(exc.stdout or b"").decode("utf-8", "replace"),
-                stderr=(exc.stderr or b"").decode("utf-8", "replace")
-                + f"\nloopwright: docker exec did not return within {timeout + _HOST_GRACE_S:g}s",
-                duration_ms=(time.monotonic() - t0) * 1000,
-                timed_out=True,
-            )
+            answer = channel.call(command, timeout, stdin)
+        except _AgentGone as gone:
+            if not self._replace_agent(channel):
+                raise SandboxError(f"sandbox {self.name} was closed during this call") from gone
+            if gone.reason in ("idle", "lifetime"):  # it retired without reading this call: safe to send again
+                return self.run(command, timeout=timeout, stdin=stdin)
+            raise SandboxError(
+                f"the agent of sandbox {self.name} stopped during this call ({gone.reason}); the call's effects are "
+                "unknown, a fresh sandbox on the same worktree serves the next calls"
+            ) from gone
         duration_ms = (time.monotonic() - t0) * 1000
-        stderr = proc.stderr.decode("utf-8", "replace")
-        if proc.returncode in (125, 126, 1) and stderr.startswith(("Error response from daemon", "Error: No such container")):
+        if answer is None:
+            return ExecResult(TIMEOUT_EXIT_CODE, "", f"loopwright: the sandbox agent did not answer within "
+                              f"{timeout + _HOST_GRACE_S:g}s", duration_ms, timed_out=True)
+        return ExecResult(answer["exit"], answer["stdout"], answer["stderr"], duration_ms, answer["timed_out"])
+
+    def _replace_agent(self, dead: _AgentChannel) -> bool:
+        """Start a new container for this sandbox after its agent retired or died; False once closed."""
+        with self._lock:
+            if self._closed:
+                return False
+            if self._channel is dead:
+                old = self.container_id
+                launched = _launch(self._options)
+                self.container_id, self.name, self._channel = launched["container_id"], launched["name"], launched["channel"]
+                dead.close()
+                _force_remove(old)
+            return True
+
+    def exec_run(self, command: str, *, timeout: float, stdin: bytes | None = None) -> ExecResult:
+        """Run a command through ``docker exec``: the path for images without python3, and a health check."""
+        if self._closed:
+            raise SandboxError(f"sandbox {self.name} is closed; start a new one for run {self.run_id}")
+        argv = ["docker", "exec", *(["-i"] if stdin is not None else []), "-u", self.user, "-w", WORKDIR,
+                self.container_id, "sh", "-c", _EXEC_WRAPPER, "loopwright-call", command]
+        limit = self._options["output_limit"]
+        with self._exec_lock:
+            t0 = time.monotonic()
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            outputs = [CappedOutput(limit), CappedOutput(limit)]
+            helpers = [threading.Thread(target=_drain, args=(stream, out), daemon=True)
+                       for stream, out in zip((proc.stdout, proc.stderr), outputs)]
+            if stdin is not None:
+                helpers.append(threading.Thread(target=_feed, args=(proc.stdin, stdin), daemon=True))
+            for helper in helpers:
+                helper.start()
+            try:
+                exit_code, timed_out = proc.wait(timeout), False
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                # Killing the client does not stop the command: the wrapper's cleanup, run alone, does.
+                subprocess.run(["docker", "exec", "-u", self.user, self.container_id, "sh", "-c", _EXEC_WRAPPER,
+                                "loopwright-cleanup", "true"], capture_output=True, timeout=START_TIMEOUT_S)
+                exit_code, timed_out = TIMEOUT_EXIT_CODE, True
+            for helper in helpers:
+                helper.join(START_TIMEOUT_S)
+        stdout, stderr = outputs[0].text(), outputs[1].text()
+        if timed_out:
+            stderr += f"\nloopwright: command timed out after {timeout:g}s; it and its children were killed\n"
+        elif exit_code in (125, 126, 1) and stderr.startswith(("Error response from daemon", "Error: No such container")):
             raise SandboxError(f"docker exec in sandbox {self.name} failed: {stderr.strip()}")
-        return ExecResult(
-            exit_code=proc.returncode,
-            stdout=proc.stdout.decode("utf-8", "replace"),
-            stderr=stderr,
-            duration_ms=duration_ms,
-            timed_out=proc.returncode == TIMEOUT_EXIT_CODE and duration_ms >= timeout * 1000,
-        )
+        return ExecResult(exit_code, stdout, stderr, (time.monotonic() - t0) * 1000, timed_out)
 
     def close(self) -> None:
         """Remove the container (forcefully). Safe to call more than once."""
-        with self._close_lock:
+        with self._lock:
             if self._closed:
                 return
             self._closed = True
+        if self._channel is not None:
+            self._channel.close()
         _force_remove(self.container_id)
         with _live_lock:
             _LIVE.discard(self)
@@ -311,6 +379,139 @@ class DockerSandbox:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _drain(stream, out: CappedOutput) -> None:
+    for chunk in iter(lambda: stream.read1(65536), b""):
+        out.add(chunk)
+
+
+def _feed(stream, data: bytes) -> None:
+    try:
+        stream.write(data)
+        stream.close()
+    except (BrokenPipeError, ValueError):
+        pass  # the command stopped reading, or was killed
+
+
+def _launch(options: dict) -> dict:
+    """Create and start a container; return its id, name and agent channel (None on the exec path)."""
+    import docker
+
+    client = _client()
+    run_id, image = options["run_id"], options["image"]
+    me = os.getpid()
+    name = f"loopwright-{run_id}-{secrets.token_hex(3)}"
+    labels = {
+        LABEL: "1",
+        "loopwright.run": run_id,
+        "loopwright.owner.pid": str(me),
+        "loopwright.owner.started": _proc_start_time(me) or "",
+        "loopwright.owner.host": socket.gethostname(),
+        "loopwright.created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    mounts = [f"{options['worktree']}:{WORKDIR}:rw"]
+    listener, private = None, None
+    if options["agent"]:
+        # The socket sits in a folder only the owner can enter on the host (the container mounts the
+        # inner folder directly), so no other host user can pose as the agent while it starts.
+        private = Path(tempfile.mkdtemp(prefix="loopwright-agent-"))
+        shared = private / "agent"
+        shared.mkdir(mode=0o755)
+        shutil.copyfile(AGENT_SOURCE, shared / "agent.py")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(shared / "host.sock"))
+        os.chmod(shared / "host.sock", 0o666)
+        listener.listen(1)
+        mounts.append(f"{shared}:{AGENT_DIR}:ro")
+        entrypoint = ["python3", "-I", "-S", f"{AGENT_DIR}/agent.py", "--socket", f"{AGENT_DIR}/host.sock",
+                      "--workdir", WORKDIR, "--output-limit", str(options["output_limit"]),
+                      "--idle", str(options["agent_idle_s"]), "--lifetime", str(options["agent_lifetime_s"])]
+    else:
+        entrypoint = ["sleep", str(int(options["agent_lifetime_s"]))]
+    host_config = client.api.create_host_config(
+        binds=mounts,
+        init=not options["agent"],  # the agent is process 1 itself: nothing inside can kill it
+        network_mode=options["network"],
+        mem_limit=options["memory"],
+        memswap_limit=options["memory"],
+        pids_limit=options["pids_limit"],
+        nano_cpus=int(options["cpus"] * 1e9),
+        cap_drop=["ALL"],
+        security_opt=["no-new-privileges"],
+        read_only=True,
+        tmpfs={"/tmp": f"rw,exec,nosuid,nodev,size={TMPFS_SIZE},mode=1777"},
+        log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
+    )
+    try:
+        try:
+            container_id = client.api.create_container(
+                image, entrypoint=entrypoint, command=[], name=name, labels=labels, user=_sandbox_user(),
+                working_dir=WORKDIR, environment={"HOME": "/tmp", "PATH": SANDBOX_PATH},
+                host_config=host_config, use_config_proxy=False,  # the client's proxy settings are host config
+            )["Id"]
+        except docker.errors.ImageNotFound:
+            raise SandboxError(
+                f"sandbox image {image!r} is not present in the local Docker engine; "
+                "run `loopwright sandbox build` or set `[sandbox] image` to an image you have"
+            ) from None
+        try:
+            client.api.start(container_id)
+        except docker.errors.APIError as exc:
+            if options["agent"] and "python3" in str(exc) and "not found" in str(exc):
+                _force_remove(container_id)
+                return _launch({**options, "agent": False})  # an image without python3: use docker exec
+            raise
+        channel = _accept_agent(listener, container_id, name, image) if listener else None
+        if channel is None:
+            _wait_running(container_id, name, image)
+        return {"container_id": container_id, "name": name, "channel": channel}
+    except Exception as exc:
+        _force_remove(name)
+        if isinstance(exc, SandboxError):
+            raise
+        raise SandboxError(f"could not start sandbox container {name} from image {image!r}: {exc}") from exc
+    finally:
+        if listener is not None:
+            listener.close()
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
+
+
+def _accept_agent(listener: socket.socket, container_id: str, name: str, image: str) -> _AgentChannel:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    listener.settimeout(0.25)
+    while True:
+        try:
+            sock, _ = listener.accept()
+            break
+        except socket.timeout:
+            if time.monotonic() > deadline:
+                raise SandboxError(f"the agent in sandbox {name} did not connect within {START_TIMEOUT_S:g}s") from None
+            status = _client().api.inspect_container(container_id)["State"]["Status"]
+            if status in ("exited", "dead"):
+                raise _start_failure(container_id, name, image, status) from None
+    sock.settimeout(START_TIMEOUT_S)
+    channel = _AgentChannel(sock, name)
+    sock.settimeout(None)
+    return channel
+
+
+def _wait_running(container_id: str, name: str, image: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        status = _client().api.inspect_container(container_id)["State"]["Status"]
+        if status == "running":
+            return
+        if status in ("exited", "dead") or time.monotonic() > deadline:
+            raise _start_failure(container_id, name, image, status)
+        time.sleep(0.05)
+
+
+def _start_failure(container_id: str, name: str, image: str, status: str) -> SandboxError:
+    logs = _client().api.logs(container_id, tail=20).decode("utf-8", "replace").strip()
+    return SandboxError(f"sandbox container {name} did not start (status {status!r}) from image {image!r}: "
+                        f"{logs or 'no output'}")
 
 
 def _force_remove(name_or_id: str) -> None:
