@@ -14,12 +14,16 @@ from mcp.server.mcpserver.exceptions import ToolError
 from runtime.config import ConfigError
 from runtime.plugins import PluginError
 from runtime.service import RunError, Runtime
-from runtime.spec import SpecError, load_spec, parse_spec_text
+from runtime.spec import SpecError, load_spec, parse_spec, parse_spec_text
 from runtime.store import UnknownRun
+
+from .resources import RunResources
 
 INSTRUCTIONS = """Loopwright runs coding agents in loops until an objective check passes. Start a run \
 with start_loop (a loop name from list_loops, or an inline TOML spec); it returns a run id at once. \
-Then poll get_run or block with wait_for_run; read what happened with get_run_trace; stop_run stops it."""
+Then poll get_run or block with wait_for_run; read what happened with get_run_trace; stop_run stops it. \
+Each run is also a resource, loopwright://runs/{run_id} and loopwright://runs/{run_id}/trace, that you can \
+subscribe to."""
 
 EXPECTED = (SpecError, ConfigError, PluginError, RunError, UnknownRun)
 
@@ -38,7 +42,11 @@ def _run_summary(runtime: Runtime, run_id: str) -> dict[str, Any]:
 
 
 def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
-    mcp = MCPServer("loopwright", instructions=INSTRUCTIONS, version="0.1.0")
+    """Every tool and resource, for any transport."""
+    resources = RunResources(runtime)
+    mcp = MCPServer("loopwright", instructions=INSTRUCTIONS, version="0.1.0", log_level="WARNING",
+                    subscriptions=resources.bus, lifespan=resources.lifespan)
+    resources.install(mcp)
 
     def loop_file(name: str) -> Path:
         path = loops_dir / f"{name}.toml"
@@ -62,18 +70,26 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
         return {"loops_dir": str(loops_dir), "loops": loops}
 
     @mcp.tool()
-    async def start_loop(loop: str | None = None, spec: str | None = None) -> dict[str, Any]:
+    async def start_loop(loop: str | None = None, spec: str | None = None, max_iterations: int | None = None,
+                         max_cost_usd: float | None = None, max_wall_time: str | None = None) -> dict[str, Any]:
         """Start a run of a loop and return its run id at once.
 
         Give `loop`, the name of a loop from list_loops, or `spec`, a whole loop spec as TOML text
-        (its workspace.repo must be an absolute path). Follow the run with get_run or wait_for_run.
+        (its workspace.repo must be an absolute path). `max_iterations`, `max_cost_usd` (dollars) and
+        `max_wall_time` (e.g. "20m") override the spec's budgets for this run only.
+        Follow the run with get_run or wait_for_run.
         """
         if (loop is None) == (spec is None):
             raise ToolError("give exactly one of `loop` (a name from list_loops) or `spec` (TOML text)")
+        budgets = {"max_iterations": max_iterations, "max_cost_usd": max_cost_usd, "max_wall_time": max_wall_time}
         with _as_tool_errors():
             parsed = load_spec(loop_file(loop)) if loop else parse_spec_text(spec or "", "inline spec")
             if spec and not Path(parsed.workspace.repo).is_absolute():
                 raise ToolError("an inline spec needs an absolute workspace.repo: the path of the git repository to work on")
+            if any(value is not None for value in budgets.values()):
+                data = parsed.model_dump(mode="json")
+                data["stop"].update({k: v for k, v in budgets.items() if v is not None})
+                parsed = parse_spec(data, f"{loop or 'inline spec'} with the budgets given to start_loop")
             run = await anyio.to_thread.run_sync(runtime.start_run, parsed)
             return {"run_id": run.id, "loop": run.loop, "branch": run.branch, "status": run.status}
 

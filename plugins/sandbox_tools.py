@@ -1,7 +1,9 @@
 """Built-in connector: shell and file tools, all executed inside the run's sandbox.
 
 File tools run a small Python program in the sandbox that resolves every path and refuses any that
-leaves /workspace, symlinks included, so a planted link cannot expose a file of the host.
+leaves /workspace, symlinks included (list_files does not descend into linked folders at all). Inside
+the container a link could only reach the container's own files anyway: the worktree is the only
+host folder mounted. Files move through that mount, never through `docker cp` / put_archive.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from runtime.types import Tool, ToolContext, ToolResult
 FILE_PROGRAM = r"""
 import json, os, sys
 ROOT = "/workspace"
+MAX_READ = 250_000
 req = json.load(sys.stdin)
 
 def fail(message):
@@ -43,7 +46,10 @@ try:
         if os.path.isdir(path):
             fail(f"{req['path']!r} is a directory; use list_files")
         with open(path, encoding="utf-8", errors="replace") as f:
-            print(json.dumps({"content": f.read()}))
+            text = f.read(MAX_READ + 1)
+        if len(text) > MAX_READ:  # the whole answer must fit the sandbox's output limit
+            text = text[:MAX_READ] + f"\n[loopwright: the file is longer; only its first {MAX_READ} characters are shown]"
+        print(json.dumps({"content": text}, ensure_ascii=False))
     elif op == "write":
         path = resolve(req["path"], must_exist=False)
         resolve(os.path.dirname(os.path.relpath(path, ROOT)) or ".", must_exist=False)
@@ -77,9 +83,13 @@ except OSError as e:
 
 
 def _file_op(ctx: ToolContext, request: dict[str, Any]) -> ToolResult:
+    # -I: modules in /workspace (the cwd) cannot shadow the ones the program imports; -S: faster start.
     result = ctx.sandbox.run(
-        "python3 -c " + _shell_quote(FILE_PROGRAM), timeout=ctx.timeout, stdin=json.dumps(request).encode()
+        "python3 -I -S -c " + _shell_quote(FILE_PROGRAM), timeout=ctx.timeout, stdin=json.dumps(request).encode()
     )
+    if result.exit_code == 127:
+        return ToolResult("the file tools need python3 in the sandbox image, which this image lacks; "
+                          "use run_command (e.g. cat, sed) instead", is_error=True)
     if result.exit_code != 0:
         return ToolResult(f"file tool failed in the sandbox (exit {result.exit_code}): {result.stderr[-2000:]}", True)
     answer = json.loads(result.stdout)

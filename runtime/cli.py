@@ -76,7 +76,9 @@ def _plugin_problems(runtime: Runtime, spec) -> list[str]:
         runtime.settings.price(spec.agent.model)
     except ConfigError as error:
         problems.append(f"agent.model: {error}")
-    return problems
+    from .automations import trigger_problems
+
+    return problems + trigger_problems(runtime.host, spec)
 
 
 @main.command()
@@ -87,7 +89,7 @@ def run(file: Path) -> None:
     problems = _plugin_problems(runtime := Runtime(), spec)
     if problems:
         raise SpecError(str(file), problems)
-    runtime.launch()
+    runtime.launch(take_work=False)
     try:
         started = runtime.start_run(spec, here=True)
         click.echo(f"run {started.id} of loop {spec.name} on branch {started.branch} (stop it with: loopwright stop {started.id})")
@@ -255,15 +257,105 @@ def mcp(loops_dir: Path | None) -> None:
 
 
 @main.command()
-def plugins() -> None:
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
+@click.option("--port", default=8765, show_default=True, type=int, help="port to listen on (0: any free port)")
+@click.option("--loops", "loops_dir", type=click.Path(path_type=Path), help="folder of loop specs (default: ./loops)")
+@click.option("--allow-remote", is_flag=True, help="allow a --host that is not loopback (the token is still required)")
+@click.option("--allowed-host", "allowed_hosts", multiple=True,
+              help="another Host header to accept, e.g. the name clients reach this machine by")
+def serve(host: str, port: int, loops_dir: Path | None, allow_remote: bool, allowed_hosts: tuple[str, ...]) -> None:
+    """The daemon: execute queued runs and serve MCP over HTTP at /mcp (bearer token required)."""
+    from mcp_server.http import serve_http
+
+    from .daemon import DaemonError
+
+    try:
+        serve_http(host, port, loops_dir.resolve() if loops_dir else None, allow_remote, allowed_hosts)
+    except DaemonError as error:
+        fail(str(error))
+
+
+@main.command()
+def token() -> None:
+    """Print the daemon's bearer token (made at first use, stored with mode 0600)."""
+    from .config import load_settings
+    from .daemon import DaemonError, load_or_create_token
+
+    try:
+        click.echo(load_or_create_token(load_settings().home))
+    except DaemonError as error:
+        fail(str(error))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+def plugins(as_json: bool) -> None:
     """Every plugin with its source, version and hooks, and what it contributes."""
-    host = Runtime().host
-    for info in host.plugins():
-        click.echo(f"{info.name}  ({info.source}{' ' + info.version if info.version else ''})")
-        click.echo(f"    hooks: {', '.join(info.hooks)}")
-    for registry, contributions in host.registries.items():
-        if contributions:
-            click.echo(f"{registry}: " + ", ".join(f"{c.name} [{c.plugin}]" for c in contributions.values()))
+    report = Runtime().host.describe()
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    for plugin in report["plugins"]:
+        version = f" {plugin['version']}" if plugin["version"] else ""
+        click.echo(f"{plugin['name']}  {plugin['source']}{version}  ({plugin['module']})")
+        click.echo(f"    hooks: {', '.join(plugin['hooks']) or 'none'}")
+        lost = {(s["kind"], s["name"]): s["by"] for s in plugin["shadowed"]}
+        for kind in sorted({*plugin["contributes"], *(k for k, _ in lost)}):
+            names = plugin["contributes"].get(kind, []) + [
+                f"{name} (shadowed by {by})" for (k, name), by in lost.items() if k == kind
+            ]
+            click.echo(f"    {kind}: {', '.join(names)}")
+        if plugin["settings"]:
+            click.echo(f"    settings: {', '.join(plugin['settings'])}")
+    for skipped in report["not_loaded"]:
+        click.echo(f"not loaded: {skipped['name']} ({skipped['reason']})")
+
+
+@main.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def automations(ctx: click.Context, as_json: bool) -> None:
+    """Triggers that start runs (registered by `loopwright serve --loops DIR`): state, today's runs, last firing."""
+    if ctx.invoked_subcommand:
+        return
+    from .automations import describe_automations
+
+    found = describe_automations(Runtime().store)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for a in found:
+        settings = " ".join(f"{k}={v}" for k, v in a["settings"].items())
+        click.echo(f"{a['id']}  {a['kind']}  {'PAUSED' if a['paused'] else 'active'}  runs today {a['runs_today']}  {settings}")
+        if a["paused"]:
+            click.echo(f"    paused: {a['paused_reason']}")
+        if a["last_firing"]:
+            last = a["last_firing"]
+            click.echo(f"    last firing {last['at']}: {last['status']} run {last['run_id']}"
+                       + (f" ({last['reason']})" if last["reason"] else ""))
+    if not found:
+        click.echo("no automations: `loopwright serve --loops DIR` registers the [[trigger]]s of the loops in DIR")
+
+
+@automations.command("pause")
+@click.argument("automation_id")
+@click.option("--reason", default="paused by hand", show_default=True)
+def automations_pause(automation_id: str, reason: str) -> None:
+    """Stop an automation (<loop>/<trigger name>) from starting runs until it is resumed."""
+    from .automations import set_paused
+
+    set_paused(Runtime().store, automation_id, True, reason)
+    click.echo(f"paused {automation_id}")
+
+
+@automations.command("resume")
+@click.argument("automation_id")
+def automations_resume(automation_id: str) -> None:
+    """Let a paused automation (e.g. after a provider quota error) start runs again."""
+    from .automations import set_paused
+
+    set_paused(Runtime().store, automation_id, False)
+    click.echo(f"resumed {automation_id}")
 
 
 @main.group()
@@ -289,6 +381,24 @@ def sandbox_gc() -> None:
         click.echo(f"{box['name']}  run {box['run_id']}  owner pid {box['owner_pid']}  alive {box['alive']}")
     removed = reap_orphans()
     click.echo(f"removed {len(removed)} leftover sandbox(es)" + (": " + ", ".join(removed) if removed else ""))
+
+
+@sandbox.command("prune")
+@click.option("--keep-days", default=7.0, show_default=True, help="keep worktrees of runs finished this recently")
+@click.option("--keep-last", default=20, show_default=True, help="keep worktrees of this many newest finished runs")
+@click.option("--dry-run", is_flag=True, help="only show what would be removed")
+def sandbox_prune(keep_days: float, keep_last: int, dry_run: bool) -> None:
+    """Remove worktrees of finished runs; their branches (and commits) stay."""
+    from sandbox import prune_worktrees
+
+    runtime = Runtime()
+    finished = [(r.repo, r.worktree, r.finished_at) for r in runtime.list_runs(limit=1_000_000)
+                if r.finished and r.worktree]
+    removed = prune_worktrees(runtime.settings.worktrees, finished, keep_days=keep_days, keep_last=keep_last,
+                              dry_run=dry_run)
+    for path in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    click.echo(f"{len(removed)} worktree(s) {'to remove' if dry_run else 'removed'}; branches stay")
 
 
 if __name__ == "__main__":

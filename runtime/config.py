@@ -78,6 +78,21 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _plugins_table(plugins: Any) -> dict[str, Any]:
+    """`[plugins] disabled = [names]`, and `[plugins.<name>]` tables of each plugin's settings."""
+    if not isinstance(plugins, dict):
+        raise ConfigError("plugins.toml: [plugins] must be a table")
+    disabled = plugins.get("disabled", [])
+    if not isinstance(disabled, list) or not all(isinstance(name, str) for name in disabled):
+        raise ConfigError(f'plugins.toml: [plugins] disabled must be a list of plugin names, such as ["example"], '
+                          f"not {disabled!r}")
+    for name, value in plugins.items():
+        if name != "disabled" and not isinstance(value, dict):
+            raise ConfigError(f"plugins.toml: [plugins] {name} = {value!r} is not a plugin's settings; "
+                              f"put them in a table: [plugins.{name}]")
+    return plugins
+
+
 def load_settings(project: Path | None = None) -> Settings:
     """Project settings win over LOOPWRIGHT_HOME's; environment variables win over both."""
     home = Path(os.environ.get("LOOPWRIGHT_HOME") or Path.home() / ".loopwright").expanduser().resolve()
@@ -89,7 +104,7 @@ def load_settings(project: Path | None = None) -> Settings:
         if missing:
             raise ConfigError(f"plugins.toml: [prices.{model!r}] lacks {', '.join(sorted(missing))}")
         prices[model] = {k: float(price[k]) for k in ("input", "output", "cache_write", "cache_read")}
-    plugins = data.get("plugins", {})
+    plugins = _plugins_table(data.get("plugins", {}))
     home.mkdir(parents=True, exist_ok=True)
     return Settings(
         home=home,

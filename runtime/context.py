@@ -61,10 +61,27 @@ def first_line(text: str, limit: int = 160) -> str:
     return ""
 
 
-def opening_message(memory: list[str], verdict: Verdict | None, repeated: int) -> str:
+def newest_within(title: str, lines: list[str], budget: int, older: int = 0) -> str | None:
+    """The title and as many of the newest lines as fit in `budget` characters, after a marker that
+    says how many older ones were dropped; never longer than `budget`, None when nothing fits."""
+    def head(dropped: int) -> str:
+        return title + (f"\n[{dropped} older notes dropped to keep within the memory budget]" if dropped else "")
+
+    kept, size = 0, 0  # the newest `kept` lines, and their length with newlines
+    for line in reversed(lines):
+        if len(head(older + len(lines) - kept - 1)) + size + 1 + len(line) > budget:
+            break
+        kept += 1
+        size += 1 + len(line)
+    text = "\n".join([head(older + len(lines) - kept), *lines[len(lines) - kept:]])
+    return text if len(text) <= budget else None
+
+
+def opening_message(memory: list[str], verdict: Verdict | None, repeated: int, memory_budget: int = 4000) -> str:
     if verdict is None:
         return "Start working toward the goal. The repository is at /workspace."
-    parts = ["# Working memory (earlier iterations)", *[f"- {line}" for line in memory], ""]
+    title = "# Working memory (earlier iterations)"
+    parts = [newest_within(title, [f"- {line}" for line in memory], memory_budget) or title, ""]
     parts.append(f"# Latest verdict (iteration {verdict.iteration}): FAILED")
     if repeated > 1:
         parts.append(f"The same failure has now happened {repeated} iterations in a row: try a different approach.")

@@ -114,7 +114,7 @@ class LoopRun:
             self.info.iteration = iteration
             self.store.update_run(self.id, iteration=iteration)
             repeated = _repeats(signatures)
-            turn = Turn(self, iteration, context.opening_message(memory, verdict, repeated))
+            turn = Turn(self, iteration, context.opening_message(memory, verdict, repeated, self.spec.memory.budget_chars))
             ended_by = await maker.take_turn(turn)
             self._event(f"{iteration}.turn", "turn_end", iteration, {"ended_by": ended_by, "tool_calls": turn.tool_calls})
             verdict = await self._verify(iteration, turn.summary())
@@ -148,6 +148,9 @@ class LoopRun:
     # --- steps -------------------------------------------------------------------------------
 
     def _prepare_worktree(self) -> dict[str, str]:
+        reserve = getattr(self.rt.host.sandbox(self.spec.sandbox.kind), "reserve", None)
+        if reserve is not None:  # a warm pool moves its ready sandbox's empty folder to where the worktree goes
+            reserve(run_id=self.id, worktree=self.rt.settings.worktrees / self.id, spec=self.spec)
         wt = worktrees.create_worktree(Path(self.row.repo), self.rt.settings.worktrees, self.spec.name, self.id)
         self.store.update_run(
             self.id, worktree=str(wt.path), base_commit=wt.base_commit, branch=wt.branch, started_at=time.time()
@@ -308,6 +311,7 @@ class Turn:
 
     def __init__(self, run: LoopRun, iteration: int, opening: str):
         self._run = run
+        self.run = run.info  # the run's id, spec and worktree (a command maker writes its prompt there)
         self.iteration = iteration
         self.spec = run.spec
         self.system = context.system_blocks(run.spec, run.system_sections)
@@ -326,6 +330,15 @@ class Turn:
         tried = ", ".join(self._tried[-6:]) or "no tool calls"
         said = f'; said "{context.first_line(self._last_text, 120)}"' if self._last_text else ""
         return f"{self.tool_calls} tool calls ({tried}){said}"
+
+    async def check_stop_rules(self) -> None:
+        """The stop rules a model call checks first, for makers that make none (a CLI agent): ends the
+        run (StopRun) when one fires, waits while the run is paused."""
+        while reason := await step("stop_rules", self._run.stop_reason):
+            status, why = reason
+            if status != "paused":
+                raise StopRun(status, why)
+            await self._run.pause()
 
     async def model(self, model: str, request: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """Call the model through `send` as a durable step, after checking the stop rules."""

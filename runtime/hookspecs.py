@@ -16,6 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from contextlib import AsyncExitStack
 
+    from .plugins import PluginHost
     from .types import Decision, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolResult, Verdict
 
 PROJECT = "loopwright"
@@ -39,9 +40,12 @@ def loopwright_register_automations(register: Callable[[str, Any], None]) -> Non
 def loopwright_register_skill_sources(register: Callable[[str, Any], None]) -> None:
     """Contribute places where Agent Skills folders are found.
 
-    Fires once when the plugin host is built.
+    Fires once when the plugin host is built. Sources are searched in registration order and the
+    first skill of a name wins (the built-in sources, the loop's ``agent.skills`` then the repo's
+    ``.claude/skills/``, come last).
 
-    :param register: ``register(name, source)``; ``source(spec)`` returns skill folder paths.
+    :param register: ``register(name, source)``; ``source(spec, worktree)`` returns folders, each one
+        skill (it holds a ``SKILL.md``) or a folder of skill folders. ``worktree`` is the run's checkout.
     """
 
 
@@ -71,9 +75,12 @@ def loopwright_register_agents(register: Callable[[str, Any], None]) -> None:
 def loopwright_register_memory(register: Callable[[str, Any], None]) -> None:
     """Contribute memory kinds (``notes``, ``kv``): state that outlives a context window or a run.
 
-    Fires once when the plugin host is built.
+    Fires once when the plugin host is built. A kind works through the lifecycle hooks of the plugin
+    that registers it (``loopwright_system_prompt``, ``loopwright_run_tools``, ``loopwright_verdict``);
+    a built-in kind steps aside when a third party registers the same kind.
 
-    :param register: ``register(kind, factory)``.
+    :param register: ``register(kind, memory)``; ``memory`` is an object describing the kind (the host
+        records which plugin gave it, and ``loopwright plugins`` lists it).
     """
 
 
@@ -95,7 +102,9 @@ def loopwright_register_sandboxes(register: Callable[[str, Any], None]) -> None:
     Fires once when the plugin host is built.
 
     :param register: ``register(kind, provider)``; the provider has ``start(run_id=, worktree=, spec=)``
-        returning a sandbox, and ``reap_orphans()`` removing sandboxes whose owner process is gone.
+        returning a sandbox, and ``reap_orphans()`` removing sandboxes whose owner process is gone. It may
+        also have ``reserve(run_id=, worktree=, spec=)``, called before the run's worktree exists (a warm
+        pool puts its ready sandbox's empty folder there; the worktree is then made in it).
     """
 
 
@@ -112,7 +121,7 @@ def loopwright_run_started(run: RunInfo) -> None:
 
 
 @hookspec
-def loopwright_system_prompt(run: RunInfo) -> str | None:
+def loopwright_system_prompt(run: RunInfo, host: PluginHost) -> str | None:
     """Add a section to the run's system prompt, the stable prefix read from the prompt cache
     (e.g. the index of available skills, or notes from earlier runs of the loop).
 
@@ -120,12 +129,15 @@ def loopwright_system_prompt(run: RunInfo) -> str | None:
     sends the same prompt.
 
     :param run: the run.
+    :param host: the plugin host: settings, registries (e.g. ``host.skill_sources()``) and ``host.store``.
     :return: markdown text, or None to add nothing.
     """
 
 
 @hookspec
-def loopwright_run_tools(run: RunInfo, sandbox: Sandbox, stack: AsyncExitStack) -> list[Tool] | None:
+def loopwright_run_tools(
+    run: RunInfo, sandbox: Sandbox, stack: AsyncExitStack, host: PluginHost
+) -> list[Tool] | None:
     """Tools that exist for one run only, such as those of MCP servers its spec declares.
 
     Called when the run's sandbox is ready (again in a process that resumes the run). Enter
@@ -134,6 +146,7 @@ def loopwright_run_tools(run: RunInfo, sandbox: Sandbox, stack: AsyncExitStack) 
     :param run: the run.
     :param sandbox: the run's sandbox, for tools that start processes inside it.
     :param stack: closed when the run ends, in the same task.
+    :param host: the plugin host: settings, registries and ``host.store``.
     :return: the tools (names must be unique; a name already taken is ignored), or None.
     """
 
@@ -163,22 +176,28 @@ def loopwright_after_tool_call(run: RunInfo, call: ToolCall, result: ToolResult)
 
 
 @hookspec
-def loopwright_verdict(run: RunInfo, iteration: int, verdict: Verdict, summary: str) -> None:
+def loopwright_verdict(run: RunInfo, iteration: int, verdict: Verdict, summary: str, host: PluginHost) -> None:
     """After each verification; fires once per verdict, also across a crash and resume.
 
     :param run: the run.
     :param iteration: the iteration just verified, from 1.
     :param verdict: every check's result; ``verdict.passed`` is True when all passed.
     :param summary: one line on what the maker did in the iteration (tools used, its last words).
+    :param host: the plugin host: settings, registries and ``host.store``.
     :return: ignored.
     """
 
 
 @hookspec
-def loopwright_run_finished(run: RunInfo, outcome: Outcome) -> None:
+def loopwright_run_finished(run: RunInfo, outcome: Outcome, host: PluginHost) -> None:
     """A run ends, whatever its outcome; fires once per run. Chaining and notifications live here.
+
+    Fires in the process that executed the run (a daemon, ``loopwright run``, an MCP server), inside
+    a durable step: after a crash it may fire again, so make its effects idempotent (key them by
+    ``run.id``).
 
     :param run: the run.
     :param outcome: ``succeeded``, ``failed``, ``stalled``, ``stopped`` or ``error``, with the reason.
+    :param host: the plugin host: settings, registries and ``host.store``.
     :return: ignored.
     """

@@ -92,8 +92,10 @@ class Runtime:
 
     # --- executing -----------------------------------------------------------------------------
 
-    def launch(self) -> None:
-        """Start the durable executor, clear sandboxes of dead processes, take over their runs."""
+    def launch(self, *, take_work: bool = True) -> None:
+        """Start the durable executor and clear sandboxes of dead processes. With `take_work` (a
+        daemon, an MCP server, `recover`), also take queued runs and the runs of dead processes;
+        a foreground `loopwright run` executes only its own run."""
         from dbos import DBOS
 
         from .engine import bind_runtime
@@ -108,6 +110,8 @@ class Runtime:
             "application_version": VERSION,
             "log_level": "WARNING",
         })
+        if not take_work:
+            DBOS.listen_queues([])
         DBOS.launch()
         DBOS.register_queue(RUN_QUEUE, worker_concurrency=self.settings.max_parallel_runs, polling_interval_sec=0.2)
         self.launched = True
@@ -115,7 +119,8 @@ class Runtime:
             removed = contribution.value.reap_orphans()
             if removed:
                 log.warning("removed sandboxes left by dead processes: %s", ", ".join(removed))
-        self.recover_orphaned_runs()
+        if take_work:
+            self.recover_orphaned_runs()
 
     def recover_orphaned_runs(self) -> list[str]:
         """Runs whose owning process died continue here, from their last finished step."""
@@ -137,22 +142,29 @@ class Runtime:
         self.host.agent(spec.agent.kind)(spec.agent, self.settings)
         self.host.sandbox(spec.sandbox.kind)
         for check in spec.verify:
-            self.host.verifier(check.kind)
+            self.host.verifier(check.kind)(check)  # a verifier that cannot work (e.g. no API key) says so now
         self.settings.price(spec.agent.model)
         repo = Path(spec.workspace.repo)
         if not (repo / ".git").exists():
             raise RunError(f"workspace.repo {str(repo)!r} is not a git repository: point it at one (relative to the spec file)")
 
-    def start_run(self, spec: LoopSpec, *, here: bool = False) -> Run:
+    def start_run(self, spec: LoopSpec, *, here: bool = False, run_id: str | None = None,
+                  trigger: dict[str, Any] | None = None) -> Run:
         """Create a run and return at once. With `here`, this process executes it; otherwise it is
-        queued, and the first process that executes runs (a daemon, or an MCP server) takes it."""
+        queued, and the first process that executes runs (a daemon, or an MCP server) takes it.
+
+        `run_id` chooses the id (an automation derives it from the firing, so starting the same firing
+        twice yields one run: the row and the durable workflow are both keyed by it); `trigger` says
+        what started the run, recorded as the first event of its trace."""
         if here and not self.launched:
             raise RunError("this process does not execute runs; call launch() first")
         self.preflight(spec)
-        run_id = new_run_id()
+        run_id = run_id or new_run_id()
         run = self.store.create_run(
             run_id, spec.name, spec.model_dump(mode="json"), spec.workspace.repo, f"loopwright/{spec.name}/{run_id}"
         )
+        if trigger:
+            self.store.add_event(run_id, "trigger", "triggered", 0, trigger)
         if here:
             self.store.update_run(run_id, owner=self.owner)
             self._start_workflow(run_id)

@@ -169,8 +169,16 @@ class ApprovalRule(_Section):
 
 
 class TriggerSpec(BaseModel):
+    """What starts runs of the loop (docs/automations.md). `kind` picks the automation plugin; other
+    keys are that kind's settings, checked by the plugin (`loopwright validate` reports them)."""
+
     model_config = ConfigDict(extra="allow")
     kind: str
+    # Part of the automation's id, <loop>/<name>, and of a webhook's URL. Default: the kind for the
+    # first trigger of a kind, then <kind>-2, <kind>-3, ...
+    name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
+    max_runs_per_day: int | None = Field(None, ge=0)  # firings beyond it are skipped (UTC days)
+    max_cost_usd_per_day: float | None = Field(None, ge=0)  # spend of today's runs it started
 
 
 class LoopSpec(_Section):
@@ -205,6 +213,22 @@ class LoopSpec(_Section):
         if not value.strip():
             raise ValueError("the goal must say what the loop is for")
         return value
+
+    @model_validator(mode="after")
+    def _trigger_names_unique(self) -> LoopSpec:
+        names = self.trigger_names()
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise ValueError(f"trigger name(s) {', '.join(twice)} used twice: give each [[trigger]] its own `name`")
+        return self
+
+    def trigger_names(self) -> list[str]:
+        """Each trigger's name: its `name`, else its kind, then <kind>-2, <kind>-3 for more of a kind."""
+        names, seen = [], {}
+        for trigger in self.trigger:
+            seen[trigger.kind] = seen.get(trigger.kind, 0) + 1
+            names.append(trigger.name or (trigger.kind if seen[trigger.kind] == 1 else f"{trigger.kind}-{seen[trigger.kind]}"))
+        return names
 
 
 class SpecError(Exception):

@@ -75,6 +75,61 @@ approvals = sa.Table(
     sa.Column("decided_at", sa.Float),
 )
 
+# Memory scoped to a loop, so a later run of the loop reads what an earlier one left (plugins/memory.py).
+memory_notes = sa.Table(
+    "loopwright_memory_notes",
+    metadata,
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("loop", sa.String, nullable=False, index=True),
+    sa.Column("run_id", sa.String, nullable=False),
+    sa.Column("iteration", sa.Integer, nullable=False),
+    sa.Column("note", sa.Text, nullable=False),  # one line: what the iteration tried and what the checks said
+    sa.Column("at", sa.Float, nullable=False),
+    sa.UniqueConstraint("run_id", "iteration", name="loopwright_memory_notes_run_iteration"),
+)
+
+memory_kv = sa.Table(
+    "loopwright_memory_kv",
+    metadata,
+    sa.Column("loop", sa.String, primary_key=True),
+    sa.Column("key", sa.String, primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+    sa.Column("run_id", sa.String, nullable=False),  # the run that wrote it last
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+# Automations (runtime/automations.py): each [[trigger]] of a loop, its checkpoint and pause state,
+# and every firing, keyed so that a firing repeated after a crash or by a second daemon is one firing.
+automations = sa.Table(
+    "loopwright_automations",
+    metadata,
+    sa.Column("id", sa.String, primary_key=True),  # <loop>/<trigger name>
+    sa.Column("loop", sa.String, nullable=False, index=True),
+    sa.Column("name", sa.String, nullable=False),
+    sa.Column("kind", sa.String, nullable=False),
+    sa.Column("file", sa.Text, nullable=False, default=""),  # the loop spec it was read from
+    sa.Column("settings", sa.Text, nullable=False, default="{}"),  # the [[trigger]] table, as JSON
+    sa.Column("state", sa.Text, nullable=False, default="{}"),  # the kind's checkpoint, as JSON
+    sa.Column("paused", sa.Boolean, nullable=False, default=False),
+    sa.Column("paused_reason", sa.Text, nullable=False, default=""),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+firings = sa.Table(
+    "loopwright_firings",
+    metadata,
+    sa.Column("key", sa.String, primary_key=True),  # <automation id>:<the kind's key, e.g. the due time>
+    sa.Column("automation", sa.String, nullable=False, index=True),
+    sa.Column("loop", sa.String, nullable=False),
+    sa.Column("run_id", sa.String, nullable=False, index=True),  # the run it starts (or would have)
+    sa.Column("status", sa.String, nullable=False),  # pending, started, skipped, failed
+    sa.Column("reason", sa.Text, nullable=False, default=""),
+    sa.Column("details", sa.Text, nullable=False, default="{}"),
+    sa.Column("due_at", sa.Float, nullable=False),  # when the trigger says it fired (the due time for cron)
+    sa.Column("day", sa.String, nullable=False),  # UTC day of the firing, for daily budgets
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
 
 class UnknownRun(LookupError):
     def __init__(self, run_id: str):
@@ -143,15 +198,16 @@ class Store:
         metadata.create_all(self.engine)
 
     def create_run(self, run_id: str, loop: str, spec: dict[str, Any], repo: str, branch: str) -> Run:
+        """Create a queued run; a run that already has this id is returned as it is (automations
+        choose deterministic ids, so a firing repeated after a crash creates no second run)."""
+        insert = _dialect_insert(self.engine)(runs).values(
+            id=run_id, loop=loop, spec=json.dumps(spec), status="queued", reason="", iteration=0,
+            repo=repo, branch=branch, worktree="", base_commit="", commit_sha="", last_verdict="",
+            stop_requested=False, pause_requested=False, paused_s=0.0, stall_count=0, spent_usd=0.0, owner="",
+            created_at=time.time(),
+        ).on_conflict_do_nothing(index_elements=["id"])
         with self.engine.begin() as db:
-            db.execute(
-                runs.insert().values(
-                    id=run_id, loop=loop, spec=json.dumps(spec), status="queued", reason="", iteration=0,
-                    repo=repo, branch=branch, worktree="", base_commit="", commit_sha="", last_verdict="",
-                    stop_requested=False, pause_requested=False, paused_s=0.0, stall_count=0, spent_usd=0.0, owner="",
-                    created_at=time.time(),
-                )
-            )
+            db.execute(insert)
         return self.get_run(run_id)
 
     def get_run(self, run_id: str) -> Run:

@@ -1,8 +1,8 @@
 """The in-sandbox agent: runs a sandbox's tool calls, about a millisecond each instead of a `docker exec`.
 
 The host mounts this file read-only into the container and starts it as the container's command,
-so it is process 1 there: processes inside the container cannot kill it (the kernel ignores
-signals from inside a PID namespace that its init has no handler for) and it is not dumpable,
+so it is process 1 there: processes inside the container cannot kill it (the kernel drops
+signals from inside a PID namespace that its init has no handler for), and it is not dumpable,
 so they cannot ptrace it or open its file descriptors either. Standard library only, so any
 image with python3 works.
 
@@ -15,12 +15,13 @@ and answers each, in any order, with
 
     {"id": 1, "exit": 0, "stdout": "...", "stderr": "...", "timed_out": false}
 
-Every call runs under its own supervisor, a forked child of the agent that is a child subreaper:
-it starts ``sh -c`` in a new session as the sandbox user, keeps at most ``output_limit`` bytes of
-each stream (head and tail, with a marker in between), and when the command ends or times out
-kills every process the call started, including double-forked and setsid'd ones. Calls run
-concurrently. The agent exits when the host's connection closes (the host process died), after
-``idle`` seconds without calls, and after ``lifetime`` seconds in all; it says why first.
+Every call runs under a supervisor, a forked child of the agent that is a child subreaper and
+runs one call at a time: it starts ``sh -c`` in a new session as the sandbox user, keeps at most
+``output_limit`` bytes of each stream (head and tail, with a marker in between), and when the
+command ends or times out kills every process the call started, including double-forked and
+setsid'd ones. Calls run concurrently, each under its own supervisor. The agent exits when the host's connection closes (the host process died), after
+``idle`` seconds without calls, and after ``lifetime`` seconds in all (letting running calls
+finish); it says why first.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ import os
 import selectors
 import signal
 import socket
-import subprocess
 import sys
 import time
 
@@ -77,10 +77,10 @@ def _prctl(option: int, value: int) -> None:
     try:
         ctypes.CDLL(None, use_errno=True).prctl(option, value, 0, 0, 0)
     except (OSError, AttributeError):
-        pass  # not Linux / no libc symbol: the sandbox still works, with less protection
+        pass  # no prctl in this libc: the sandbox still works, with less protection
 
 
-def _processes() -> dict[int, list[tuple[int, str]]]:
+def _children() -> dict[int, list[tuple[int, str]]]:
     """parent pid -> [(pid, state)] for every process visible in /proc."""
     children: dict[int, list[tuple[int, str]]] = {}
     for name in os.listdir("/proc"):
@@ -95,22 +95,18 @@ def _processes() -> dict[int, list[tuple[int, str]]]:
     return children
 
 
-def _descendants(roots: list[int]) -> list[tuple[int, str]]:
-    children = _processes()
-    found, stack = [], list(roots)
-    while stack:
-        for pid, state in children.get(stack.pop(), []):
-            found.append((pid, state))
-            stack.append(pid)
-    return found
-
-
 def _kill_tree(roots: list[int], include_roots: bool) -> None:
     """SIGKILL the roots' descendants (and the roots) until none is left, reaping as we go."""
     for _ in range(200):
-        live = [pid for pid, state in _descendants(roots) if state != "Z"]
+        children, live, stack = _children(), [], list(roots)
+        while stack:
+            for pid, state in children.get(stack.pop(), []):
+                stack.append(pid)
+                if state != "Z":
+                    live.append(pid)
         if include_roots:
             live += roots
+            include_roots = False  # killed once; they are zombies or gone now
         for pid in live:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -119,19 +115,15 @@ def _kill_tree(roots: list[int], include_roots: bool) -> None:
         _reap_all()
         if not live:
             return
-        include_roots = False  # killed once; they are zombies or gone now
 
 
-def _reap_all() -> list[int]:
-    reaped = []
+def _reap_all() -> None:
     while True:
         try:
-            pid = os.waitpid(-1, os.WNOHANG)[0]
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
         except ChildProcessError:
-            return reaped
-        if pid == 0:
-            return reaped
-        reaped.append(pid)
+            return
 
 
 def _exit_code(status: int) -> int:
@@ -141,12 +133,22 @@ def _exit_code(status: int) -> int:
     return os.WEXITSTATUS(status)
 
 
-# --- one call: runs in a forked child of the agent --------------------------------------------
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
-def supervise(request: dict, result_fd: int, workdir: str, output_limit: int) -> None:
-    """Run one call to completion and write its JSON result to ``result_fd``; never returns."""
-    code = 1
+# --- a supervisor: a forked child of the agent that runs one call at a time -----------------------
+
+
+def supervise(request_fd: int, result_fd: int, workdir: str, output_limit: int) -> None:
+    """Run requests read from ``request_fd`` one by one, writing each JSON result; never returns.
+
+    A supervisor is reused for call after call (a fresh fork pays a millisecond or two of
+    copy-on-write faults on its first call). That is safe because it is a child subreaper and
+    kills every process a call started before it takes the next one.
+    """
     try:
         _prctl(_PR_SET_CHILD_SUBREAPER, 1)
         try:
@@ -154,103 +156,145 @@ def supervise(request: dict, result_fd: int, workdir: str, output_limit: int) ->
                 f.write("1000")  # when memory runs out, the kernel kills tool calls, not the agent
         except OSError:
             pass
-        try:
-            result = _run_call(request, workdir, output_limit)
-        except Exception as error:  # e.g. no fork possible at the pids limit
-            result = {"id": request["id"], "exit": 126, "stdout": "", "timed_out": False,
-                      "stderr": "loopwright: could not run the command: %s\n" % error}
-        data = (json.dumps(result) + "\n").encode()
-        while data:
-            data = data[os.write(result_fd, data):]
-        code = 0
+        os.chdir(workdir)
+        requests = os.fdopen(request_fd, "rb")
+        for line in requests:
+            request = json.loads(line)
+            try:
+                result = _run_call(request, output_limit)
+            except Exception as error:  # e.g. no process can be started at the pids limit
+                result = {"id": request["id"], "exit": 126, "stdout": "", "timed_out": False,
+                          "stderr": "loopwright: could not run the command: %s\n" % error}
+            _write_all(result_fd, (json.dumps(result) + "\n").encode())
     finally:
-        os._exit(code)
+        os._exit(0)
 
 
-def _run_call(request: dict, workdir: str, output_limit: int) -> dict:
-    started = time.monotonic()
+def _run_call(request: dict, output_limit: int) -> dict:
     stdin = base64.b64decode(request["stdin"]) if request.get("stdin") is not None else None
-    deadline = started + float(request["timeout"])
-    proc = subprocess.Popen(
-        ["sh", "-c", request["cmd"]], cwd=workdir, start_new_session=True,
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )
-    outputs = {proc.stdout: CappedOutput(output_limit), proc.stderr: CappedOutput(output_limit)}
+    deadline = time.monotonic() + float(request["timeout"])
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe() if stdin is not None else (None, None)
+    outputs = {out_r: CappedOutput(output_limit), err_r: CappedOutput(output_limit)}
     sel = selectors.DefaultSelector()
-    for stream in outputs:
-        os.set_blocking(stream.fileno(), False)
-        sel.register(stream, selectors.EVENT_READ)
+    opened = [out_r, out_w, err_r, err_w] + ([in_r] if stdin is not None else [])  # in_w: closed by the feeding
+    try:
+        stdin_action = ((os.POSIX_SPAWN_DUP2, in_r, 0) if stdin is not None
+                        else (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0))
+        # Our own descriptors are close-on-exec (PEP 446): the command inherits only these three. Python
+        # ignores SIGPIPE and SIGXFSZ; the command gets the defaults back, as from any shell.
+        try:
+            pid = os.posix_spawnp("sh", ["sh", "-c", request["cmd"]], os.environ, setsid=True,
+                                  file_actions=[(os.POSIX_SPAWN_DUP2, out_w, 1), (os.POSIX_SPAWN_DUP2, err_w, 2),
+                                                stdin_action],
+                                  setsigdef=(signal.SIGPIPE, signal.SIGXFSZ))
+        except OSError:
+            if in_w is not None:
+                os.close(in_w)
+            raise
+        for fd in (out_w, err_w, in_r):
+            if fd is not None:
+                os.close(fd)
+                opened.remove(fd)
+        exit_code, timed_out = _supervise_command(pid, sel, outputs, in_w, stdin, deadline)
+    finally:
+        sel.close()
+        for fd in opened:
+            os.close(fd)
+    stderr = outputs[err_r].text()
+    if timed_out:
+        stderr += "\nloopwright: command timed out after %gs; it and its children were killed\n" % float(request["timeout"])
+    return {"id": request["id"], "exit": exit_code, "stdout": outputs[out_r].text(), "stderr": stderr,
+            "timed_out": timed_out}
+
+
+def _supervise_command(pid: int, sel, outputs: dict, in_w, stdin, deadline: float) -> tuple[int, bool]:
+    """Feed stdin and collect output until the command ends or times out; then end what it left running."""
+    for fd in outputs:
+        os.set_blocking(fd, False)
+        sel.register(fd, selectors.EVENT_READ)
     pidfd = None
     if hasattr(os, "pidfd_open"):
         try:
-            pidfd = os.pidfd_open(proc.pid)
+            pidfd = os.pidfd_open(pid)
             sel.register(pidfd, selectors.EVENT_READ)
         except OSError:
             pidfd = None
-    pending_stdin = memoryview(stdin) if stdin is not None else None
-    if pending_stdin is not None:
-        os.set_blocking(proc.stdin.fileno(), False)
-        sel.register(proc.stdin, selectors.EVENT_WRITE)
+    pending = None
+    if stdin is not None:
+        pending = memoryview(stdin)
+        os.set_blocking(in_w, False)
+        sel.register(in_w, selectors.EVENT_WRITE)
+
+    def stop_feeding() -> None:  # closing stdin is how the command learns it has all of it
+        nonlocal pending
+        sel.unregister(in_w)
+        os.close(in_w)
+        pending = None
 
     exit_code, timed_out = None, False
-    while sel.get_map():
-        if exit_code is None:
-            status = os.waitpid(proc.pid, os.WNOHANG)
-            if status[0]:
-                exit_code = _exit_code(status[1])
-                _kill_tree([os.getpid()], include_roots=False)  # what the command left running
-                if pidfd is not None:
-                    sel.unregister(pidfd)
-                if pending_stdin is not None:
-                    sel.unregister(proc.stdin)
-                    proc.stdin.close()
-                    pending_stdin = None
-                continue
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                timed_out, exit_code = True, TIMEOUT_EXIT_CODE
-                _kill_tree([os.getpid()], include_roots=False)
-                for fd in [pidfd, proc.stdin if pending_stdin is not None else None]:
-                    if fd is not None:
-                        sel.unregister(fd)
-                continue
-            wait = remaining if pidfd is not None else min(remaining, 0.05)
-        else:
-            wait = None  # every writer is dead: the pipes reach EOF
-        for key, _ in sel.select(wait):
-            stream = key.fileobj
-            if key.fd == pidfd:
-                continue  # the command exited; handled at the top of the loop
-            if stream is proc.stdin:
-                try:
-                    sent = os.write(proc.stdin.fileno(), pending_stdin[:_CHUNK])
-                    pending_stdin = pending_stdin[sent:]
-                except BrokenPipeError:
-                    pending_stdin = pending_stdin[:0]
-                if not pending_stdin:
-                    sel.unregister(proc.stdin)
-                    proc.stdin.close()
-                    pending_stdin = None
-                continue
-            chunk = os.read(stream.fileno(), _CHUNK)
-            if chunk:
-                outputs[stream].add(chunk)
+    try:
+        while sel.get_map():
+            if exit_code is None:
+                waited, status = os.waitpid(pid, os.WNOHANG)
+                remaining = deadline - time.monotonic()
+                if waited or remaining <= 0:
+                    if waited:
+                        exit_code = _exit_code(status)
+                    else:
+                        timed_out, exit_code = True, TIMEOUT_EXIT_CODE
+                    _kill_tree([os.getpid()], include_roots=False)  # what the command left running
+                    if pidfd is not None:
+                        sel.unregister(pidfd)
+                    if pending is not None:
+                        stop_feeding()
+                    continue
+                wait = remaining if pidfd is not None else min(remaining, 0.05)
             else:
-                sel.unregister(stream)
-    stderr = outputs[proc.stderr].text()
-    if timed_out:
-        stderr += "\nloopwright: command timed out after %gs; it and its children were killed\n" % float(request["timeout"])
-    return {
-        "id": request["id"], "exit": exit_code, "stdout": outputs[proc.stdout].text(), "stderr": stderr,
-        "timed_out": timed_out, "ms": (time.monotonic() - started) * 1000,
-    }
+                wait = None  # every writer is dead: the pipes reach EOF
+            for key, _ in sel.select(wait):
+                fd = key.fd
+                if fd == pidfd:
+                    continue  # the command exited; handled at the top of the loop
+                if pending is not None and fd == in_w:
+                    try:
+                        pending = pending[os.write(in_w, pending[:_CHUNK]):]
+                    except BrokenPipeError:
+                        pending = pending[:0]
+                    if not pending:
+                        stop_feeding()
+                    continue
+                chunk = os.read(fd, _CHUNK)
+                if chunk:
+                    outputs[fd].add(chunk)
+                else:
+                    sel.unregister(fd)
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+        if pending is not None:
+            stop_feeding()
+    return exit_code, timed_out
 
 
 # --- the agent: process 1 of the container ------------------------------------------------------
 
 
+class _Supervisor:
+    def __init__(self, pid: int, request_fd: int, result_fd: int):
+        self.pid = pid
+        self.request_fd = request_fd
+        self.result_fd = result_fd
+        self.call_id = None  # the call it is running, if any
+        self.deadline = 0.0
+        self.overran = False
+        self.data = bytearray()
+
+
 class Agent:
+    _MAX_IDLE_SUPERVISORS = 2
+
     def __init__(self, sock: socket.socket, workdir: str, output_limit: int, idle: float, lifetime: float):
         self.sock = sock
         self.workdir = workdir
@@ -258,11 +302,11 @@ class Agent:
         self.idle = idle
         self.lifetime = lifetime
         self.started = self.last_active = time.monotonic()
+        self.retiring = False
         self.sel = selectors.DefaultSelector()
         self.inbox = b""
-        self.calls: dict[int, dict] = {}  # result pipe fd -> {"id", "pid", "data", "deadline"}
-        self.supervisors: set[int] = set()
-        self.retiring = False
+        self.supervisors: dict[int, _Supervisor] = {}  # by result fd
+        self.ready: list[_Supervisor] = []  # those waiting for a call
         wake_r, wake_w = os.pipe()
         for fd in (wake_r, wake_w):
             os.set_blocking(fd, False)
@@ -272,40 +316,77 @@ class Agent:
         sock.setblocking(False)
         self.sel.register(sock, selectors.EVENT_READ)
         self.sel.register(wake_r, selectors.EVENT_READ)
+        self.fork_supervisor()
 
-    def send(self, message: dict) -> None:
+    @property
+    def busy(self) -> list[_Supervisor]:
+        return [s for s in self.supervisors.values() if s.call_id is not None]
+
+    def send(self, data: bytes) -> None:
         self.sock.setblocking(True)
         try:
-            self.sock.sendall((json.dumps(message) + "\n").encode())
+            self.sock.sendall(data)
         finally:
             self.sock.setblocking(False)
+
+    def answer(self, message: dict) -> None:
+        self.send((json.dumps(message) + "\n").encode())
 
     def serve(self) -> str:
         """Serve until the host leaves or a limit is reached; return why."""
         while True:
             now = time.monotonic()
+            busy = self.busy
             if now - self.started >= self.lifetime and not self.retiring:
                 self.retiring = True  # read no more calls; those running finish within their timeouts
                 self.sel.unregister(self.sock)
-            if self.retiring and not self.calls:
+            if self.retiring and not busy:
                 return "lifetime"
-            if not self.calls and now - self.last_active >= self.idle:
+            if not busy and now - self.last_active >= self.idle:
                 return "idle"
             wake_at = [] if self.retiring else [self.started + self.lifetime]
-            wake_at += [c["deadline"] for c in self.calls.values()] if self.calls else [self.last_active + self.idle]
+            wake_at += [s.deadline for s in busy] if busy else [self.last_active + self.idle]
             for key, _ in self.sel.select(max(min(wake_at) - now, 0)):
                 if key.fileobj is self.sock:
                     if not self.read_requests():
                         return "host closed the connection"
-                elif key.fileobj == self.wake_r:
+                elif key.fd == self.wake_r:
                     try:
                         os.read(self.wake_r, 4096)
                     except BlockingIOError:
                         pass
                 else:
-                    self.read_result(key.fileobj)
+                    self.read_result(self.supervisors[key.fd])
             self.enforce_backstop()
             _reap_all()
+            if not self.ready:
+                self.fork_supervisor()  # now rather than when the next call is waiting for it
+
+    def fork_supervisor(self) -> None:
+        try:
+            request_r, request_w = os.pipe()
+            result_r, result_w = os.pipe()
+            pid = os.fork()
+        except OSError:
+            return  # e.g. at the pids limit: tried again later
+        if pid == 0:
+            keep = {request_r, result_w}
+            for fd in os.listdir("/proc/self/fd"):
+                if int(fd) > 2 and int(fd) not in keep:
+                    try:
+                        os.close(int(fd))
+                    except OSError:
+                        pass
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            supervise(request_r, result_w, self.workdir, self.output_limit)
+        os.close(request_r)
+        os.close(result_w)
+        os.set_blocking(result_r, False)
+        supervisor = _Supervisor(pid, request_w, result_r)
+        self.supervisors[result_r] = supervisor
+        self.ready.append(supervisor)
+        self.sel.register(result_r, selectors.EVENT_READ)
 
     def read_requests(self) -> bool:
         try:
@@ -317,98 +398,109 @@ class Agent:
         self.inbox += data
         while b"\n" in self.inbox:
             line, self.inbox = self.inbox.split(b"\n", 1)
-            self.start_call(json.loads(line))
+            self.start_call(line + b"\n")
         return True
 
-    def start_call(self, request: dict) -> None:
+    def start_call(self, line: bytes) -> None:
         self.last_active = time.monotonic()
-        try:
-            read_fd, write_fd = os.pipe()
-            pid = os.fork()
-        except OSError as error:  # e.g. the pids limit is reached
-            self.send({"id": request["id"], "exit": 126, "stdout": "", "timed_out": False,
-                       "stderr": "loopwright: could not start the command: %s\n" % error})
+        request = json.loads(line)
+        if not self.ready:
+            self.fork_supervisor()
+        if not self.ready:
+            self.answer({"id": request["id"], "exit": 126, "stdout": "", "timed_out": False,
+                         "stderr": "loopwright: could not start the command: no process can be created "
+                                   "(the sandbox's pids limit is reached)\n"})
             return
-        if pid == 0:
-            signal.set_wakeup_fd(-1)
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            os.close(read_fd)
-            self.sock.close()
-            supervise(request, write_fd, self.workdir, self.output_limit)
-        os.close(write_fd)
-        os.set_blocking(read_fd, False)
-        self.supervisors.add(pid)
-        deadline = time.monotonic() + float(request["timeout"]) + _BACKSTOP_S
-        self.calls[read_fd] = {"id": request["id"], "pid": pid, "data": bytearray(), "deadline": deadline}
-        self.sel.register(read_fd, selectors.EVENT_READ)
-
-    def read_result(self, fd: int) -> None:
-        call = self.calls[fd]
+        supervisor = self.ready.pop()
+        supervisor.call_id = request["id"]
+        supervisor.deadline = time.monotonic() + float(request["timeout"]) + _BACKSTOP_S
         try:
-            chunk = os.read(fd, 1 << 20)
+            _write_all(supervisor.request_fd, line)
+        except BrokenPipeError:
+            pass  # it died (killed); reported when its result pipe closes
+
+    def read_result(self, supervisor: _Supervisor) -> None:
+        try:
+            chunk = os.read(supervisor.result_fd, 1 << 20)
         except BlockingIOError:
             return
-        if chunk:
-            call["data"] += chunk
+        if not chunk:
+            self.lost(supervisor)
             return
-        self.sel.unregister(fd)
-        os.close(fd)
-        del self.calls[fd]
-        self.supervisors.discard(call["pid"])
+        supervisor.data += chunk
+        if not supervisor.data.endswith(b"\n"):
+            return
+        self.send(bytes(supervisor.data))
+        supervisor.data.clear()
+        supervisor.call_id = None
         self.last_active = time.monotonic()
-        if call["data"].endswith(b"\n"):
-            self.sock.setblocking(True)
-            try:
-                self.sock.sendall(bytes(call["data"]))
-            finally:
-                self.sock.setblocking(False)
-        else:  # the supervisor died before answering: killed by the backstop or by the command
-            try:
-                os.waitpid(call["pid"], 0)  # once it is reaped, its orphans have been handed to us
-            except ChildProcessError:
-                pass
-            self.kill_strays()
-            self.send({"id": call["id"], "exit": KILLED_EXIT_CODE, "stdout": "", "timed_out": call.get("overran", False),
-                       "stderr": "loopwright: the call's supervisor was killed; the call and its processes were ended\n"})
+        if len(self.ready) < self._MAX_IDLE_SUPERVISORS:
+            self.ready.append(supervisor)
+        else:
+            self.retire(supervisor)
+
+    def retire(self, supervisor: _Supervisor) -> None:
+        """Let an idle supervisor go: closing its requests makes it exit."""
+        self.sel.unregister(supervisor.result_fd)
+        os.close(supervisor.result_fd)
+        os.close(supervisor.request_fd)
+        del self.supervisors[supervisor.result_fd]
+
+    def lost(self, supervisor: _Supervisor) -> None:
+        """A supervisor died (killed by the backstop, or by its command): end what it left behind."""
+        self.retire(supervisor)
+        if supervisor in self.ready:
+            self.ready.remove(supervisor)
+        try:
+            os.waitpid(supervisor.pid, 0)  # once it is reaped, its orphans have been handed to us
+        except ChildProcessError:
+            pass
+        self.kill_strays()
+        if supervisor.call_id is not None:
+            self.answer({"id": supervisor.call_id, "exit": KILLED_EXIT_CODE, "stdout": "", "timed_out": supervisor.overran,
+                         "stderr": "loopwright: the call's supervisor was killed; the call and its processes were ended\n"})
 
     def enforce_backstop(self) -> None:
         now = time.monotonic()
-        for call in self.calls.values():
-            if now >= call["deadline"] and not call.get("overran"):
-                call["overran"] = True
+        for supervisor in self.busy:
+            if now >= supervisor.deadline and not supervisor.overran:
+                supervisor.overran = True
                 try:
-                    os.kill(call["pid"], signal.SIGKILL)
+                    os.kill(supervisor.pid, signal.SIGKILL)
                 except OSError:
                     pass
 
     def kill_strays(self) -> None:
         """Processes whose supervisor died are adopted by us, process 1: they must not live on."""
-        strays = [pid for pid, _ in _processes().get(os.getpid(), []) if pid not in self.supervisors]
+        known = {s.pid for s in self.supervisors.values()}
+        strays = [pid for pid, _ in _children().get(os.getpid(), []) if pid not in known]
         if strays:
             _kill_tree(strays, include_roots=True)
 
 
-def main(argv: list[str]) -> int:
-    import argparse
+USAGE = ("usage: agent.py --socket PATH [--workdir DIR] [--output-limit BYTES] [--idle SECONDS] "
+         "[--lifetime SECONDS]")
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--socket", required=True, help="the host's Unix socket to connect to")
-    parser.add_argument("--workdir", default="/workspace")
-    parser.add_argument("--output-limit", type=int, default=2 << 20, help="bytes kept per stream and call")
-    parser.add_argument("--idle", type=float, default=3600.0, help="exit after this many seconds without calls")
-    parser.add_argument("--lifetime", type=float, default=86400.0, help="exit after this many seconds in all")
-    args = parser.parse_args(argv)
+
+def main(argv: list[str]) -> int:
+    # No argparse: its import costs tens of milliseconds, and this start is on every run's critical path.
+    options = {"--workdir": "/workspace", "--output-limit": str(2 << 20), "--idle": "3600", "--lifetime": "86400"}
+    pairs = dict(zip(argv[::2], argv[1::2]))
+    if len(argv) % 2 or "--socket" not in pairs or set(pairs) - set(options) - {"--socket"}:
+        sys.exit(USAGE)
+    options.update(pairs)
 
     _prctl(_PR_SET_DUMPABLE, 0)
     _prctl(_PR_SET_CHILD_SUBREAPER, 1)  # when not process 1 (e.g. run by hand), orphans still come here
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # as process 1: ignored unless sent from outside
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(args.socket)
-    agent = Agent(sock, args.workdir, args.output_limit, args.idle, args.lifetime)
-    agent.send({"hello": {"pid": os.getpid(), "python": sys.version.split()[0]}})
+    sock.connect(options["--socket"])
+    agent = Agent(sock, options["--workdir"], int(options["--output-limit"]), float(options["--idle"]),
+                  float(options["--lifetime"]))
+    agent.answer({"hello": {"pid": os.getpid(), "python": sys.version.split()[0]}})
     reason = agent.serve()
     try:
-        agent.send({"bye": reason})
+        agent.answer({"bye": reason})
     except OSError:
         pass
     return 0

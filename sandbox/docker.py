@@ -44,8 +44,10 @@ AGENT_IDLE_S = 3600.0  # the agent exits after this long without calls (a new on
 AGENT_LIFETIME_S = 86400.0  # ... and after this long in all
 TMPFS_SIZE = "64m"
 _HOST_GRACE_S = 15.0  # extra time the host waits beyond the in-container timeout
+_DOCKER_API_TIMEOUT_S = 60
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LABEL = "loopwright"
+_AGENT_FOLDER_PREFIX = "loopwright-agent-"  # + owner pid and start time: reap_orphans removes a dead owner's
 
 # The docker-exec path (images without python3): run the command, then kill whatever it left
 # running, i.e. every process but the init (1), the container's main process (the oldest child
@@ -100,7 +102,7 @@ def _client():
             import docker
 
             try:
-                c = docker.from_env(timeout=int(START_TIMEOUT_S))
+                c = docker.from_env(timeout=_DOCKER_API_TIMEOUT_S)
                 c.ping()
             except Exception as exc:
                 raise SandboxError(
@@ -151,11 +153,13 @@ def give_worktree_to_sandbox_user(worktree: Path) -> None:
 
 
 class _AgentGone(Exception):
-    """The agent's connection closed; ``reason`` is what it said last (idle, lifetime) or why."""
+    """The agent's connection closed: ``reason`` is what it said last (idle, lifetime) or why;
+    ``unsent`` when the call never reached the agent whole, so running it elsewhere is safe."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, unsent: bool = False):
         super().__init__(reason)
         self.reason = reason
+        self.unsent = unsent
 
 
 class _AgentChannel:
@@ -167,12 +171,13 @@ class _AgentChannel:
         self.sock = sock
         self.reader = sock.makefile("rb")
         self.ids = itertools.count(1)
-        self.lock = threading.Lock()  # guards pending, gone, and writes to the socket
+        self.lock = threading.Lock()  # guards pending and gone; the reader takes it for each answer
+        self.send_lock = threading.Lock()  # apart, so a long send never keeps the reader from reading
         self.pending: dict[int, tuple[threading.Event, list]] = {}
         self.gone: str | None = None
-        self.hello = self._read_line()
-        if "hello" not in self.hello:
-            raise SandboxError(f"the agent of sandbox {name} sent {self.hello!r} instead of its hello")
+        hello = self._read_line()
+        if "hello" not in hello:
+            raise SandboxError(f"the agent of sandbox {name} sent {hello!r} instead of its hello")
         threading.Thread(target=self._read_answers, name=f"loopwright-agent-{name}", daemon=True).start()
 
     def _read_line(self) -> dict:
@@ -191,7 +196,7 @@ class _AgentChannel:
                     continue
                 with self.lock:
                     waiter = self.pending.pop(answer["id"], None)
-                if waiter is not None:  # an answer nobody waits for any more (timed out on the host)
+                if waiter is not None:  # None: the host stopped waiting for it (its timeout passed)
                     waiter[1].append(answer)
                     waiter[0].set()
         except (_AgentGone, OSError, ValueError):
@@ -210,14 +215,17 @@ class _AgentChannel:
                    "stdin": base64.b64encode(stdin).decode() if stdin is not None else None}
         with self.lock:
             if self.gone is not None:
-                raise _AgentGone(self.gone)
+                raise _AgentGone(self.gone, unsent=True)
             request["id"] = call_id = next(self.ids)
             self.pending[call_id] = (event, slot)
-            try:
+        try:
+            with self.send_lock:
                 self.sock.sendall((json.dumps(request) + "\n").encode())
-            except OSError as exc:
+        except OSError as exc:
+            with self.lock:
                 self.pending.pop(call_id, None)
-                raise _AgentGone(f"sending failed: {exc}") from exc
+            # Only a whole line is ever run, and a send that failed did not deliver one.
+            raise _AgentGone(f"sending failed: {exc}", unsent=True) from exc
         if not event.wait(timeout + _HOST_GRACE_S):
             with self.lock:
                 self.pending.pop(call_id, None)
@@ -263,8 +271,13 @@ class DockerSandbox:
     @classmethod
     def start(cls, *, run_id: str, worktree: Path, image: str, network: str = "none", memory: str = "1g",
               pids_limit: int = 256, cpus: float = 1.0, output_limit: int = OUTPUT_LIMIT, agent: bool = True,
-              agent_idle_s: float = AGENT_IDLE_S, agent_lifetime_s: float = AGENT_LIFETIME_S) -> "DockerSandbox":
-        """Start the run's container and wait until it can run a command; on any failure nothing is left."""
+              agent_idle_s: float = AGENT_IDLE_S, agent_lifetime_s: float = AGENT_LIFETIME_S,
+              pooled: bool = False) -> "DockerSandbox":
+        """Start the run's container and wait until it can run a command; on any failure nothing is left.
+
+        ``agent=False`` runs every call through ``docker exec`` (as for an image without python3);
+        ``pooled`` marks a warm pool's sandbox, whose run is named later by ``hand_over``.
+        """
         if not _SAFE_ID.match(run_id):
             raise SandboxError(f"run id {run_id!r} is not usable in a container name; use letters, digits, '.', '_', '-'")
         if network not in ("none", "bridge"):
@@ -274,12 +287,11 @@ class DockerSandbox:
         if output_limit < 1024:
             raise SandboxError(f"output_limit={output_limit!r} is too small; give at least 1024 bytes")
         worktree = Path(worktree).resolve()
-        if not worktree.is_dir():
-            raise SandboxError(f"worktree {worktree} does not exist; create it (sandbox.create_worktree) before starting")
-        give_worktree_to_sandbox_user(worktree)
+        if worktree.is_dir():
+            give_worktree_to_sandbox_user(worktree)
         options = dict(run_id=run_id, worktree=worktree, image=image, network=network, memory=memory,
                        pids_limit=pids_limit, cpus=cpus, output_limit=output_limit, agent=agent,
-                       agent_idle_s=agent_idle_s, agent_lifetime_s=agent_lifetime_s)
+                       agent_idle_s=agent_idle_s, agent_lifetime_s=agent_lifetime_s, pooled=pooled)
         sb = cls(**_launch(options), run_id=run_id, worktree=worktree, image=image, network=network,
                  user=_sandbox_user(), options=options)
         with _live_lock:
@@ -294,14 +306,14 @@ class DockerSandbox:
             raise SandboxError(f"timeout={timeout!r} must be positive (seconds)")
         channel = self._channel
         if channel is None:
-            return self.exec_run(command, timeout=timeout, stdin=stdin)
+            return self._exec_run(command, timeout=timeout, stdin=stdin)
         t0 = time.monotonic()
         try:
             answer = channel.call(command, timeout, stdin)
         except _AgentGone as gone:
             if not self._replace_agent(channel):
                 raise SandboxError(f"sandbox {self.name} was closed during this call") from gone
-            if gone.reason in ("idle", "lifetime"):  # it retired without reading this call: safe to send again
+            if gone.unsent or gone.reason in ("idle", "lifetime"):  # a retiring agent reads no more calls
                 return self.run(command, timeout=timeout, stdin=stdin)
             raise SandboxError(
                 f"the agent of sandbox {self.name} stopped during this call ({gone.reason}); the call's effects are "
@@ -312,6 +324,19 @@ class DockerSandbox:
             return ExecResult(TIMEOUT_EXIT_CODE, "", f"loopwright: the sandbox agent did not answer within "
                               f"{timeout + _HOST_GRACE_S:g}s", duration_ms, timed_out=True)
         return ExecResult(answer["exit"], answer["stdout"], answer["stderr"], duration_ms, answer["timed_out"])
+
+    @property
+    def retired(self) -> bool:
+        """True once the agent has exited (idle, too old, or gone); the next call starts a fresh container."""
+        return self._channel is not None and self._channel.gone is not None
+
+    def hand_over(self, run_id: str, worktree: Path) -> None:
+        """Give a pooled sandbox to a run, its folder now at ``worktree``. The container is renamed after the
+        run (for `sandbox gc` and humans) in the background: that is slower than the rest of the hand-over."""
+        self.run_id = self._options["run_id"] = run_id
+        self.worktree = self._options["worktree"] = Path(worktree).resolve()
+        self.name = _container_name(run_id)
+        threading.Thread(target=_rename, args=(self.container_id, self.name), daemon=True).start()
 
     def _replace_agent(self, dead: _AgentChannel) -> bool:
         """Start a new container for this sandbox after its agent retired or died; False once closed."""
@@ -326,10 +351,8 @@ class DockerSandbox:
                 _force_remove(old)
             return True
 
-    def exec_run(self, command: str, *, timeout: float, stdin: bytes | None = None) -> ExecResult:
-        """Run a command through ``docker exec``: the path for images without python3, and a health check."""
-        if self._closed:
-            raise SandboxError(f"sandbox {self.name} is closed; start a new one for run {self.run_id}")
+    def _exec_run(self, command: str, *, timeout: float, stdin: bytes | None = None) -> ExecResult:
+        """Run a command through ``docker exec``: the path for images without python3."""
         argv = ["docker", "exec", *(["-i"] if stdin is not None else []), "-u", self.user, "-w", WORKDIR,
                 self.container_id, "sh", "-c", _EXEC_WRAPPER, "loopwright-call", command]
         limit = self._options["output_limit"]
@@ -394,14 +417,36 @@ def _feed(stream, data: bytes) -> None:
         pass  # the command stopped reading, or was killed
 
 
+def _rename(container_id: str, name: str) -> None:
+    import docker
+
+    try:
+        _client().api.rename(container_id, name)
+    except docker.errors.APIError:
+        pass  # removed meanwhile; the name was only for show
+
+
+def _container_name(run_id: str) -> str:
+    return f"loopwright-{run_id}-{secrets.token_hex(3)}"
+
+
+def _run_of(name: str, labels: dict) -> str | None:
+    """A pooled container's run is in its name (labels cannot change once it was handed over)."""
+    if labels.get("loopwright.pool") == "1":
+        return name.removeprefix("loopwright-")[:-7]
+    return labels.get("loopwright.run")
+
+
 def _launch(options: dict) -> dict:
     """Create and start a container; return its id, name and agent channel (None on the exec path)."""
     import docker
 
     client = _client()
     run_id, image = options["run_id"], options["image"]
+    if not options["worktree"].is_dir():  # Docker would make an empty folder there and mount that
+        raise SandboxError(f"worktree {options['worktree']} does not exist; create it (sandbox.create_worktree) first")
     me = os.getpid()
-    name = f"loopwright-{run_id}-{secrets.token_hex(3)}"
+    name = _container_name(run_id)
     labels = {
         LABEL: "1",
         "loopwright.run": run_id,
@@ -410,12 +455,14 @@ def _launch(options: dict) -> dict:
         "loopwright.owner.host": socket.gethostname(),
         "loopwright.created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if options["pooled"]:
+        labels["loopwright.pool"] = "1"
     mounts = [f"{options['worktree']}:{WORKDIR}:rw"]
     listener, private = None, None
     if options["agent"]:
         # The socket sits in a folder only the owner can enter on the host (the container mounts the
         # inner folder directly), so no other host user can pose as the agent while it starts.
-        private = Path(tempfile.mkdtemp(prefix="loopwright-agent-"))
+        private = Path(tempfile.mkdtemp(prefix=f"{_AGENT_FOLDER_PREFIX}{me}-{labels['loopwright.owner.started']}-"))
         shared = private / "agent"
         shared.mkdir(mode=0o755)
         shutil.copyfile(AGENT_SOURCE, shared / "agent.py")
@@ -540,33 +587,46 @@ def close_all() -> None:
 atexit.register(close_all)
 
 
-def _labelled_containers():
-    return _client().containers.list(all=True, filters={"label": f"{LABEL}=1"})
+def _labelled_containers() -> list[dict]:
+    """One listing call (no inspect per container), so a container removed meanwhile is no error."""
+    found = _client().api.containers(all=True, filters={"label": f"{LABEL}=1"})
+    return [{"id": c["Id"], "name": c["Names"][0].lstrip("/"), "labels": c.get("Labels") or {}, "status": c["State"]}
+            for c in found]
 
 
 def list_sandboxes() -> list[dict]:
-    """All loopwright containers on this engine, with owner liveness (None = owned from another host)."""
+    """All loopwright containers on this engine, with owner liveness (None = owned from another host)
+    and whether a warm pool started them."""
     out = []
     for c in _labelled_containers():
-        labels = c.labels or {}
+        labels = c["labels"]
         out.append({
-            "name": c.name,
-            "id": c.id,
-            "run_id": labels.get("loopwright.run"),
+            "name": c["name"],
+            "id": c["id"],
+            "run_id": _run_of(c["name"], labels),
+            "pooled": labels.get("loopwright.pool") == "1",
             "owner_pid": int(labels["loopwright.owner.pid"]) if labels.get("loopwright.owner.pid", "").isdigit() else None,
             "owner_host": labels.get("loopwright.owner.host"),
             "alive": _owner_alive(labels),
             "created": labels.get("loopwright.created"),
-            "status": c.status,
+            "status": c["status"],
         })
     return out
 
 
 def reap_orphans() -> list[str]:
-    """Remove loopwright containers whose owning process (on this host) is gone; return their names."""
+    """Remove loopwright containers whose owning process (on this host) is gone; return their names.
+
+    Also removes the agent folders such a process left in the temporary folder (killed mid-start).
+    """
     removed = []
     for c in _labelled_containers():
-        if _owner_alive(c.labels or {}) is False:
-            _force_remove(c.id)
-            removed.append(c.name)
+        if _owner_alive(c["labels"]) is False:
+            _force_remove(c["id"])
+            removed.append(c["name"])
+    for folder in Path(tempfile.gettempdir()).glob(f"{_AGENT_FOLDER_PREFIX}*"):
+        pid, _, rest = folder.name.removeprefix(_AGENT_FOLDER_PREFIX).partition("-")
+        started = rest.rpartition("-")[0]
+        if pid.isdigit() and folder.stat().st_uid == os.getuid() and _proc_start_time(int(pid)) != started:
+            shutil.rmtree(folder, ignore_errors=True)
     return removed

@@ -14,8 +14,10 @@ import re
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable
 
 AUTHOR_NAME = "Loopwright"
 AUTHOR_EMAIL = "loopwright@localhost"
@@ -23,7 +25,8 @@ _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _BASE_KEY = "loopwrightbase"  # branch.<branch>.loopwrightbase = base commit, for resumes
 # Files that running code leaves behind (bytecode, test caches) are neither the maker's changes nor
 # worth committing; they would also trip `protect` rules on test folders.
-GENERATED = ["__pycache__/", "*.py[cod]", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "node_modules/.cache/"]
+GENERATED = ["__pycache__/", "*.py[cod]", ".pytest_cache/", ".mypy_cache/", ".ruff_cache/", "node_modules/.cache/",
+             ".loopwright/"]  # Loopwright's own files in the worktree, e.g. the command maker's prompt
 
 
 class WorktreeError(RuntimeError):
@@ -69,7 +72,10 @@ def _registered_worktrees(repo: Path) -> dict[Path, str]:
 
 
 def create_worktree(repo: Path, root: Path, loop: str, run_id: str) -> Worktree:
-    """Create (or, for a resumed run, find) the run's worktree at ``root/run_id`` from HEAD."""
+    """Create (or, for a resumed run, find) the run's worktree at ``root/run_id`` from HEAD.
+
+    The folder may exist already if it is empty: a warm pool's sandbox mounts it before the run starts.
+    """
     repo = Path(repo).resolve()
     if not _SAFE_ID.match(run_id):
         raise WorktreeError(f"run id {run_id!r} is not usable as a directory/branch name; use letters, digits, '.', '_', '-'")
@@ -85,7 +91,7 @@ def create_worktree(repo: Path, root: Path, loop: str, run_id: str) -> Worktree:
         raise WorktreeError(f"{repo} has no commits yet; commit something first (the run's worktree starts from HEAD)")
 
     path = (Path(root) / run_id).resolve()
-    if path.exists():
+    if path.exists() and not (path.is_dir() and not any(path.iterdir())):  # an empty folder: a pooled sandbox's
         ref = _registered_worktrees(repo).get(path)
         if ref != f"refs/heads/{branch}":
             raise WorktreeError(
@@ -107,8 +113,9 @@ def create_worktree(repo: Path, root: Path, loop: str, run_id: str) -> Worktree:
 def _excludes(wt: Worktree) -> tuple[str, ...]:
     """Git options that leave GENERATED files out; the list lives beside the worktrees."""
     path = wt.path.parent / ".loopwright-excludes"
-    if not path.exists():
-        path.write_text("\n".join(GENERATED) + "\n")
+    wanted = "\n".join(GENERATED) + "\n"
+    if not path.exists() or path.read_text() != wanted:  # a list written by an older version is renewed
+        path.write_text(wanted)
     return ("-c", f"core.excludesFile={path}")
 
 
@@ -153,3 +160,35 @@ def commit_all(wt: Worktree, message: str) -> str | None:
         },
     )
     return _git(wt.path, "rev-parse", "HEAD").stdout.strip()
+
+
+def remove_worktree(repo: Path, path: Path) -> None:
+    """Remove a run's worktree folder; its branch (and every commit on it) stays in ``repo``."""
+    path = Path(path)
+    if Path(repo).is_dir() and _git(Path(repo), "rev-parse", "--git-dir", check=False).returncode == 0:
+        _git(Path(repo), "worktree", "remove", "--force", "--force", str(path), check=False)
+        _git(Path(repo), "worktree", "prune")
+    if path.exists():  # the repository is gone, or git did not know the folder: delete it ourselves
+        shutil.rmtree(path)  # never follows symlinks
+
+
+def prune_worktrees(root: Path, finished: Iterable[tuple[str | Path, str | Path, float]], *, keep_days: float = 7,
+                    keep_last: int = 20, dry_run: bool = False, now: float | None = None) -> list[Path]:
+    """Remove worktrees of finished runs, except the ``keep_last`` newest and those younger than ``keep_days``.
+
+    ``finished`` holds ``(repo, worktree, finished_at)`` per finished run. Only folders inside
+    ``root`` (LOOPWRIGHT_HOME/worktrees) are touched; branches stay. Returns what was (or, with
+    ``dry_run``, would be) removed.
+    """
+    root = Path(root).resolve()
+    cutoff = (time.time() if now is None else now) - keep_days * 86400
+    newest_first = sorted(finished, key=lambda run: run[2], reverse=True)
+    removed = []
+    for repo, worktree, finished_at in newest_first[keep_last:]:
+        path = Path(worktree).resolve()
+        if finished_at >= cutoff or path.parent != root or not path.exists():
+            continue
+        if not dry_run:
+            remove_worktree(Path(repo), path)
+        removed.append(path)
+    return removed

@@ -103,3 +103,22 @@ async def test_bad_requests_are_tool_errors_that_say_what_to_do(home, project, t
         assert "stop.max_iterations" in invalid and "verify" in invalid
         assert "not valid TOML" in await error_of(client, "start_loop", spec="name = ")
         assert await call(client, "list_runs") == {"runs": []}  # nothing was created by the bad requests
+
+
+@pytest.mark.anyio
+async def test_wait_for_run_reports_progress_each_iteration_and_returns_the_finished_run(home, project, model):
+    model([text("looking"), FIX, text("fixed")])
+    progress = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append((done, total))
+
+    async with Client(server_params(project / "loops")) as client:
+        started = await call(client, "start_loop", spec=write_spec(project).read_text())
+        result = await client.call_tool("wait_for_run", {"run_id": started["run_id"], "timeout_s": 120},
+                                        progress_callback=on_progress)
+        assert not result.is_error, result.content[0].text
+        run = result.structured_content
+    assert (run["status"], run["iteration"]) == ("succeeded", 2)
+    assert progress[-1] == (2, run["max_iterations"])
+    assert [done for done, _ in progress] == sorted({done for done, _ in progress})

@@ -1,53 +1,28 @@
-"""The sandbox with real containers: isolation, worktree round trip, timeouts, cleanup."""
+"""The sandbox with real containers: the agent's calls, timeouts, output limits, the exec fallback, cleanup."""
 
+import hashlib
 import os
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
+import docker
 import pytest
 
-from sandbox import (
-    DockerSandbox,
-    SandboxError,
-    changed_files,
-    commit_all,
-    create_worktree,
-    diff,
-    list_sandboxes,
-    reap_orphans,
-)
+from sandbox import SandboxError, changed_files, commit_all, create_worktree, diff, list_sandboxes, reap_orphans
+from runtime.service import process_start_time
+from sandbox import docker as sandbox_docker
+from sandbox_fixtures import container_ids, containers_of, git, make_sandbox, shell_only_image  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "safe.directory=*", "-C", str(repo), *args], check=True, capture_output=True, text=True
-    ).stdout
-
-
-def _container_ids() -> set[str]:
-    return {s["id"] for s in list_sandboxes()}
-
-
-@pytest.fixture
-def make_sandbox(sandbox_image, git_repo, tmp_path):
-    """Start sandboxes on worktrees of git_repo; every one is removed at teardown."""
-    started = []
-
-    def make(run_id="run1", **kwargs):
-        wt = create_worktree(git_repo, tmp_path / "worktrees", "demo", run_id)
-        sb = DockerSandbox.start(run_id=run_id, worktree=wt.path, image=sandbox_image, **kwargs)
-        started.append(sb)
-        return sb, wt
-
-    yield make
-    for sb in started:
-        sb.close()
 
 
 def test_command_runs_in_container_as_non_root(make_sandbox):
@@ -60,12 +35,30 @@ def test_command_runs_in_container_as_non_root(make_sandbox):
     assert cwd == "/workspace"
 
 
+def test_calls_go_through_the_agent_not_docker_exec(make_sandbox):
+    sb, _ = make_sandbox()
+    assert sb.uses_agent
+    assert sb.run("cat /proc/1/cmdline", timeout=20).stdout.split("\0")[3] == "/run/loopwright/agent.py"
+
+
 def test_exit_code_stderr_and_stdin(make_sandbox):
     sb, _ = make_sandbox()
     r = sb.run("echo out; echo err >&2; exit 3", timeout=20)
     assert (r.exit_code, r.stdout, r.stderr) == (3, "out\n", "err\n")
     r = sb.run("python3 -c 'import json, sys; print(json.load(sys.stdin)[\"x\"] * 2)'", timeout=20, stdin=b'{"x": 21}')
     assert (r.exit_code, r.stdout) == (0, "42\n")
+
+
+def test_a_command_killed_by_a_signal_reports_128_plus_the_signal(make_sandbox):
+    sb, _ = make_sandbox()
+    assert sb.run("kill -TERM $$", timeout=20).exit_code == 128 + signal.SIGTERM
+
+
+def test_large_stdin_reaches_the_command_whole(make_sandbox):
+    sb, _ = make_sandbox()
+    data = bytes(range(256)) * 20_000  # 5 MB, every byte value
+    r = sb.run("sha256sum | cut -d' ' -f1", timeout=30, stdin=data)
+    assert r.stdout.strip() == hashlib.sha256(data).hexdigest()
 
 
 def test_sandbox_writes_reach_worktree_and_commit_all_commits_on_run_branch(make_sandbox, git_repo):
@@ -78,38 +71,20 @@ def test_sandbox_writes_reach_worktree_and_commit_all_commits_on_run_branch(make
 
     sha = commit_all(wt, "loop step 1")
     assert sha is not None
-    log = _git(git_repo, "log", "--format=%H %s|%an <%ae>", "-1", wt.branch).strip()
+    log = git(git_repo, "log", "--format=%H %s|%an <%ae>", "-1", wt.branch).strip()
     assert log == f"{sha} loop step 1|Loopwright <loopwright@localhost>"
-    assert _git(git_repo, "show", f"{wt.branch}:src/new.py") == "print(1)\n"
+    assert git(git_repo, "show", f"{wt.branch}:src/new.py") == "print(1)\n"
     assert commit_all(wt, "nothing new") is None
     # The user's own branch and checkout did not move.
-    assert _git(git_repo, "log", "--format=%s", "main").split() == ["initial"]
+    assert git(git_repo, "log", "--format=%s", "main").split() == ["initial"]
     assert (git_repo / "README.md").exists()
-
-
-def test_no_network_interface_but_loopback(make_sandbox):
-    sb, _ = make_sandbox()
-    r = sb.run("ls /sys/class/net; tail -n +3 /proc/net/dev | cut -d: -f1", timeout=20)
-    assert r.stdout.split() == ["lo", "lo"]
-
-
-def test_host_environment_is_not_visible(make_sandbox, monkeypatch):
-    monkeypatch.setenv("LOOPWRIGHT_TEST_SECRET", "s3cr3t-value-do-not-leak")
-    sb, _ = make_sandbox()
-    r = sb.run("env", timeout=20)
-    assert r.exit_code == 0
-    assert "s3cr3t-value-do-not-leak" not in r.stdout
-    assert "LOOPWRIGHT_TEST_SECRET" not in r.stdout
-    names = {line.split("=", 1)[0] for line in r.stdout.splitlines()}
-    assert names <= {"HOME", "PATH", "HOSTNAME", "PWD", "SHLVL", "LC_CTYPE", "_"}
 
 
 def test_timeout_kills_command_and_children_and_sandbox_keeps_serving(make_sandbox):
     sb, _ = make_sandbox()
-    t0 = time.monotonic()
-    r = sb.run("sleep 100 & setsid sleep 101 & sleep 102", timeout=1.5)
+    r = sb.run("sleep 100 & setsid sleep 101 & (sleep 103 &) ; sleep 102", timeout=1.5)
     assert r.timed_out and r.exit_code == 124
-    assert time.monotonic() - t0 < 15
+    assert "timed out after 1.5s" in r.stderr
     ps = sb.run("ps -eo stat=,args=", timeout=20)
     assert ps.exit_code == 0
     assert "sleep 10" not in ps.stdout, ps.stdout  # neither running nor zombie
@@ -123,85 +98,166 @@ def test_background_processes_do_not_outlive_their_call(make_sandbox):
     assert "sleep 100" not in sb.run("ps -eo args=", timeout=20).stdout
 
 
+def test_calls_run_concurrently(make_sandbox):
+    sb, _ = make_sandbox()
+    waiting = {}
+    waiter = threading.Thread(target=lambda: waiting.update(
+        result=sb.run("while [ ! -e /tmp/go ]; do sleep 0.05; done; echo released", timeout=30)))
+    waiter.start()
+    time.sleep(0.3)
+    assert sb.run("touch /tmp/go && echo sent", timeout=20).stdout == "sent\n"  # not queued behind the waiter
+    waiter.join(40)
+    assert (waiting["result"].stdout, waiting["result"].timed_out) == ("released\n", False)
+
+
+def test_output_beyond_the_limit_keeps_head_and_tail_with_a_marker(make_sandbox):
+    sb, _ = make_sandbox(output_limit=10_000)
+    r = sb.run("echo FIRST; head -c 5000000 /dev/zero | tr '\\0' x; echo; echo LAST; echo err >&2", timeout=30)
+    assert r.exit_code == 0
+    assert r.stdout.startswith("FIRST\nxxx") and r.stdout.endswith("xxx\nLAST\n")
+    assert "bytes of output omitted here]" in r.stdout
+    assert len(r.stdout) < 10_100
+    assert r.stderr == "err\n"  # each stream has its own limit
+
+
+def test_a_command_that_kills_its_supervisor_ends_its_call_and_leaves_nothing_behind(make_sandbox):
+    sb, _ = make_sandbox()
+    r = sb.run("sleep 100 & kill -9 $PPID; sleep 50", timeout=20)
+    assert r.exit_code == 137
+    assert "supervisor was killed" in r.stderr
+    assert "sleep" not in sb.run("ps -eo args=", timeout=20).stdout
+    assert sb.run("echo still here", timeout=20).stdout == "still here\n"
+
+
+def test_an_idle_agent_retires_and_the_next_call_gets_a_fresh_container(make_sandbox):
+    sb, wt = make_sandbox(agent_idle_s=0.5)
+    first = sb.container_id
+    (wt.path / "kept.txt").write_text("on the worktree\n")
+    wait_until_exited(first, "the idle agent did not exit")
+    assert sb.run("cat kept.txt", timeout=20).stdout == "on the worktree\n"
+    assert sb.container_id != first
+    assert first not in container_ids()
+
+
+def test_an_agent_past_its_lifetime_finishes_the_running_call_first(make_sandbox):
+    sb, _ = make_sandbox(agent_lifetime_s=1)
+    r = sb.run("sleep 2; echo finished", timeout=20)
+    assert (r.exit_code, r.stdout) == (0, "finished\n")
+    assert sb.run("echo on a fresh agent", timeout=20).stdout == "on a fresh agent\n"
+
+
 def test_close_removes_container_and_is_idempotent(make_sandbox):
     sb, _ = make_sandbox()
-    assert sb.container_id in _container_ids()
+    assert sb.container_id in container_ids()
     sb.close()
     sb.close()
-    assert sb.container_id not in _container_ids()
+    assert sb.container_id not in container_ids()
     with pytest.raises(SandboxError, match="closed"):
         sb.run("true", timeout=5)
 
 
-def test_reap_orphans_removes_dead_owners_container_only(make_sandbox, sandbox_image, tmp_path):
-    live, _ = make_sandbox("live")
-    child_wt = tmp_path / "child-wt"
-    child_wt.mkdir()
-    child_code = textwrap.dedent(f"""
+def test_an_image_without_python3_runs_calls_through_docker_exec(make_sandbox, shell_only_image):
+    sb, _ = make_sandbox(image=shell_only_image)
+    assert not sb.uses_agent
+    r = sb.run("id -u; echo err >&2; cat; exit 3", timeout=20, stdin=b"piped\n")
+    assert (r.exit_code, r.stdout, r.stderr) == (3, "1000\npiped\n", "err\n")
+
+
+def test_docker_exec_path_kills_a_timed_out_call_and_what_it_left(make_sandbox, shell_only_image):
+    sb, _ = make_sandbox(image=shell_only_image)
+    r = sb.run("sleep 100 & sleep 101", timeout=1)
+    assert r.timed_out and r.exit_code == 124
+    assert sb.run("sleep 102 & echo started", timeout=20).stdout == "started\n"
+    listing = sb.run("for p in /proc/[0-9]*; do cat $p/cmdline; echo; done", timeout=20).stdout
+    assert "sleep10" not in listing.replace("\0", "")  # none of the three survived its call
+    assert "sleep86400" in listing.replace("\0", "")  # the container's own process did
+
+
+def test_a_start_that_times_out_leaves_no_container(sandbox_image, tmp_path, monkeypatch):
+    silent = tmp_path / "silent_agent.py"
+    silent.write_text("import time\ntime.sleep(60)\n")  # never connects back
+    monkeypatch.setattr(sandbox_docker, "AGENT_SOURCE", silent)
+    monkeypatch.setattr(sandbox_docker, "START_TIMEOUT_S", 1.0)
+    (tmp_path / "wt").mkdir()
+    run_id = f"silent-{secrets.token_hex(4)}"
+    with pytest.raises(SandboxError, match="did not connect within 1s"):
+        sandbox_docker.DockerSandbox.start(run_id=run_id, worktree=tmp_path / "wt", image=sandbox_image)
+    assert containers_of(run_id) == []
+
+
+def test_missing_image_gives_clear_error(git_repo, tmp_path):
+    run_id = f"noimg-{secrets.token_hex(4)}"
+    wt = create_worktree(git_repo, tmp_path / "worktrees", "demo", run_id)
+    with pytest.raises(SandboxError, match="loopwright sandbox build") as err:
+        sandbox_docker.DockerSandbox.start(run_id=run_id, worktree=wt.path, image="loopwright-sandbox:does-not-exist")
+    assert "loopwright-sandbox:does-not-exist" in str(err.value)
+    assert containers_of(run_id) == []
+
+
+@contextmanager
+def owner_process(sandbox_image: str, worktree: Path):
+    """Another process that starts a sandbox, then waits; yields it, the container's name and id."""
+    code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
         from sandbox import DockerSandbox
-        sb = DockerSandbox.start(run_id="orphan", worktree={str(child_wt)!r}, image={sandbox_image!r})
-        print(sb.name, flush=True)
+        sb = DockerSandbox.start(run_id="orphan", worktree={str(worktree)!r}, image={sandbox_image!r})
+        print(sb.name, sb.container_id, flush=True)
         time.sleep(300)
     """)
-    child = subprocess.Popen([sys.executable, "-c", child_code], stdout=subprocess.PIPE, text=True)
-    orphan_name = None
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    container_id = None
     try:
-        orphan_name = child.stdout.readline().strip()
-        assert orphan_name.startswith("loopwright-orphan-")
-        assert reap_orphans() == []  # owner still alive: left alone
-        child.send_signal(signal.SIGKILL)  # no atexit, no cleanup: a real crash
-        child.wait(10)
-        assert orphan_name in reap_orphans()
-        names = {s["name"] for s in list_sandboxes()}
-        assert orphan_name not in names
-        assert live.name in names
+        name, container_id = child.stdout.readline().split()
+        yield child, name, container_id
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
         child.stdout.close()
-        if orphan_name:
-            subprocess.run(["docker", "rm", "-f", orphan_name], capture_output=True)
+        if container_id:
+            subprocess.run(["docker", "rm", "-f", container_id], capture_output=True)
 
 
-def test_worktree_leaves_dirty_checkout_untouched_and_runs_do_not_collide(git_repo, tmp_path):
-    (git_repo / "README.md").write_text("user edit, not committed\n")
-    (git_repo / "notes.txt").write_text("untracked\n")
-    status_before = _git(git_repo, "status", "--porcelain")
-
-    root = tmp_path / "worktrees"
-    a = create_worktree(git_repo, root, "demo", "a")
-    b = create_worktree(git_repo, root, "demo", "b")
-    assert a.path != b.path and a.branch != b.branch
-    assert a.base_commit == b.base_commit == _git(git_repo, "rev-parse", "HEAD").strip()
-    assert (a.path / "README.md").read_text() == "hello\n"  # from HEAD, not the dirty file
-    assert not (a.path / "notes.txt").exists()
-
-    (a.path / "only-in-a.txt").write_text("a\n")
-    assert not (b.path / "only-in-a.txt").exists()
-    assert changed_files(a) == ["only-in-a.txt"] and changed_files(b) == []
-
-    assert create_worktree(git_repo, root, "demo", "a") == a  # resumed run gets the same worktree
-    assert _git(git_repo, "status", "--porcelain") == status_before
-    assert (git_repo / "README.md").read_text() == "user edit, not committed\n"
+def wait_until_exited(container_id: str, what: str) -> None:
+    client = docker.from_env()
+    deadline = time.monotonic() + 30
+    while client.api.inspect_container(container_id)["State"]["Status"] != "exited":
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
 
 
-def test_worktree_errors_name_the_problem(tmp_path):
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    with pytest.raises(Exception, match="not a git repository"):
-        create_worktree(plain, tmp_path / "wts", "demo", "r")
-    subprocess.run(["git", "init", "-q", str(plain)], check=True)
-    with pytest.raises(Exception, match="no commits"):
-        create_worktree(plain, tmp_path / "wts", "demo", "r")
+def test_reap_orphans_removes_dead_owners_container_only(make_sandbox, sandbox_image, tmp_path):
+    live, _ = make_sandbox("live")
+    (tmp_path / "child-wt").mkdir()
+    with owner_process(sandbox_image, tmp_path / "child-wt") as (child, orphan, _):
+        assert orphan.startswith("loopwright-orphan-")
+        assert orphan not in reap_orphans()  # owner still alive: left alone
+        child.send_signal(signal.SIGKILL)  # no atexit, no cleanup: a real crash
+        child.wait(10)
+        assert orphan in reap_orphans()
+        names = {s["name"] for s in list_sandboxes()}
+        assert orphan not in names
+        assert live.name in names
 
 
-def test_missing_image_gives_clear_error(git_repo, tmp_path):
-    wt = create_worktree(git_repo, tmp_path / "worktrees", "demo", "noimg")
-    before = _container_ids()
-    with pytest.raises(SandboxError, match="loopwright sandbox build") as err:
-        DockerSandbox.start(run_id="noimg", worktree=wt.path, image="loopwright-sandbox:does-not-exist")
-    assert "loopwright-sandbox:does-not-exist" in str(err.value)
-    assert _container_ids() == before
+def test_reap_orphans_removes_agent_folders_a_dead_owner_left(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    me = os.getpid()
+    left = Path(tempfile.mkdtemp(prefix=f"loopwright-agent-{dead.pid}-12345-"))
+    mine = Path(tempfile.mkdtemp(prefix=f"loopwright-agent-{me}-{process_start_time(me)}-"))
+    try:
+        reap_orphans()
+        assert not left.exists() and mine.exists()
+    finally:
+        shutil.rmtree(left, ignore_errors=True)
+        shutil.rmtree(mine, ignore_errors=True)
+
+
+def test_the_agent_exits_when_its_owner_dies(sandbox_image, tmp_path):
+    (tmp_path / "child-wt").mkdir()
+    with owner_process(sandbox_image, tmp_path / "child-wt") as (child, _, container_id):
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        wait_until_exited(container_id, "the agent kept running after its owner died")

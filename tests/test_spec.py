@@ -83,7 +83,7 @@ def test_the_design_example_loads_with_its_budgets_checks_and_trigger():
     assert [(t.kind, t.schedule) for t in spec.trigger] == [("cron", "0 7 * * 1-5")]
 
 
-def test_a_verifier_kind_without_a_plugin_parses_and_keeps_its_own_settings():
+def test_a_rubric_check_keeps_its_model_and_rubric():
     rubric = parse_spec_text(DESIGN_EXAMPLE).verify[1]
 
     assert rubric.kind == "rubric"
@@ -91,14 +91,23 @@ def test_a_verifier_kind_without_a_plugin_parses_and_keeps_its_own_settings():
     assert rubric.rubric.startswith("The diff fixes the cause")
 
 
-def test_validate_reports_the_design_examples_rubric_verifier_as_an_unknown_kind(home, tmp_path):
+def test_validate_accepts_the_design_example_with_its_rubric_check(home, tmp_path):
     path = write(tmp_path, DESIGN_EXAMPLE)
+
+    result = loopwright("validate", str(path))
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(": ok (fix-tests)")
+
+
+def test_validate_reports_a_verifier_kind_no_plugin_provides(home, tmp_path):
+    path = write(tmp_path, DESIGN_EXAMPLE.replace('kind = "rubric"', 'kind = "judge"'))
 
     result = loopwright("validate", str(path))
 
     assert result.returncode == 2
     assert str(path) in result.stderr
-    assert "verify[1].kind: unknown verifier kind 'rubric'" in result.stderr
+    assert "verify[1].kind: unknown verifier kind 'judge'" in result.stderr
     assert "verify[0]" not in result.stderr  # the command check is known
 
 

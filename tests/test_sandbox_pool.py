@@ -1,0 +1,93 @@
+"""The warm pool: sandboxes started before their run, handed over with the run's worktree in place."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from sandbox import PoolKey, SandboxPool, create_worktree, list_sandboxes
+
+
+def wait_until(condition, what: str, timeout: float = 60):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def pool_sandboxes() -> list[dict]:
+    """This process's pooled sandboxes that no run has taken yet."""
+    return [s for s in list_sandboxes() if s["owner_pid"] == os.getpid() and (s["run_id"] or "").startswith("pool-")]
+
+
+@pytest.fixture
+def pool():
+    made = SandboxPool(size=1)
+    yield made
+    made.close()
+
+
+@pytest.fixture
+def key(sandbox_image, tmp_path) -> PoolKey:
+    return PoolKey(worktrees=(tmp_path / "worktrees").resolve(), image=sandbox_image)
+
+
+def filled(pool: SandboxPool, key: PoolKey) -> None:
+    key.worktrees.mkdir(parents=True, exist_ok=True)
+    assert not pool.reserve(key, "first", key.worktrees / "first")  # nothing ready yet: this starts one
+    wait_until(lambda: pool.ready(key) == 1, "the pool has a sandbox ready")
+
+
+def test_a_warm_sandbox_serves_the_run_whose_worktree_is_made_in_its_folder(pool, key, git_repo):
+    filled(pool, key)
+    assert pool.reserve(key, "warm", key.worktrees / "warm")
+    wt = create_worktree(git_repo, key.worktrees, "demo", "warm")
+    sb = pool.claim("warm", wt.path)
+    try:
+        assert sb.run("cat README.md; id -u", timeout=20).stdout == "hello\n1000\n"
+        assert sb.run("echo new > made-inside.txt", timeout=20).exit_code == 0
+        assert (wt.path / "made-inside.txt").read_text() == "new\n"
+        wait_until(lambda: any(s["run_id"] == "warm" and s["id"] == sb.container_id for s in list_sandboxes()),
+                   "the container is named after its run")
+    finally:
+        sb.close()
+
+
+def test_the_pool_refills_after_a_run_takes_a_sandbox(pool, key):
+    filled(pool, key)
+    assert pool.reserve(key, "taken", key.worktrees / "taken")
+    wait_until(lambda: pool.ready(key) == 1, "a new sandbox is ready")
+    pool.claim("taken", key.worktrees / "taken").close()
+
+
+def test_a_run_with_another_configuration_gets_no_warm_sandbox(pool, key):
+    filled(pool, key)
+    other = PoolKey(worktrees=key.worktrees, image=key.image, memory="2g")
+    assert not pool.reserve(other, "bigger", key.worktrees / "bigger")
+    assert not (key.worktrees / "bigger").exists()
+    assert pool.claim("bigger", key.worktrees / "bigger") is None
+
+
+def test_closing_the_pool_removes_its_idle_sandboxes_and_their_folders(key):
+    pool = SandboxPool(size=2)
+    key.worktrees.mkdir(parents=True)
+    pool.reserve(key, "first", key.worktrees / "first")
+    wait_until(lambda: pool.ready(key) == 2, "two sandboxes are ready")
+    assert len(pool_sandboxes()) == 2
+    pool.close()
+    assert pool_sandboxes() == []
+    assert list((key.worktrees / ".pool").iterdir()) == []
+
+
+def test_a_warm_sandbox_whose_container_dies_serves_the_run_from_a_fresh_one(pool, key, git_repo):
+    filled(pool, key)
+    assert pool.reserve(key, "revived", key.worktrees / "revived")
+    wt = create_worktree(git_repo, key.worktrees, "demo", "revived")
+    sb = pool.claim("revived", wt.path)
+    try:
+        subprocess.run(["docker", "kill", sb.container_id], check=True, capture_output=True)
+        wait_until(lambda: sb.retired, "the sandbox notices its agent is gone")
+        assert sb.run("cat README.md", timeout=20).stdout == "hello\n"  # the run's worktree, in a new container
+    finally:
+        sb.close()
