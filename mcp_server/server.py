@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import sys
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -185,6 +187,8 @@ def serve_stdio(loops_dir: Path | None = None) -> None:
     if runtime.running_daemon() is None:
         runtime.launch()
     loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
+    # A client ends the server with SIGTERM: exit normally so this process's sandboxes are removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         build_server(runtime, loops).run("stdio")
     finally:

@@ -6,9 +6,9 @@ import fnmatch
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -24,6 +24,15 @@ def parse_duration(value: str | int | float) -> float:
     if not match:
         raise ValueError(f"expected a duration such as '90s', '30m' or '2h', got {value!r}")
     return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def _positive_duration(value: str | float) -> str | float:
+    if parse_duration(value) <= 0:
+        raise ValueError("must be longer than zero")
+    return value
+
+
+Duration = Annotated[str | float, AfterValidator(_positive_duration)]
 
 
 class _Section(BaseModel):
@@ -100,15 +109,8 @@ class VerifySpec(BaseModel):
 class StopSpec(_Section):
     max_iterations: int = Field(10, ge=1, le=10_000)
     max_cost_usd: float = Field(5.0, gt=0)
-    max_wall_time: str | float = "30m"
+    max_wall_time: Duration = "30m"
     stall_after: int = Field(3, ge=2, le=1000)
-
-    @field_validator("max_wall_time")
-    @classmethod
-    def _wall_time(cls, value: str | float) -> str | float:
-        if parse_duration(value) <= 0:
-            raise ValueError("must be longer than zero")
-        return value
 
     @property
     def wall_time_s(self) -> float:
@@ -145,14 +147,7 @@ class ApprovalRule(_Section):
 
     tool: str = Field(min_length=1)  # e.g. "run_command" or "*"
     when: dict[str, str] = {}  # argument name -> pattern, e.g. {command = "git push*"}
-    timeout: str | float = "1h"  # no answer by then denies the call
-
-    @field_validator("timeout")
-    @classmethod
-    def _timeout(cls, value: str | float) -> str | float:
-        if parse_duration(value) <= 0:
-            raise ValueError("must be longer than zero")
-        return value
+    timeout: Duration = "1h"  # no answer by then denies the call
 
     @property
     def timeout_s(self) -> float:
