@@ -148,7 +148,7 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
         """Pause a run before its next model or tool call (status `paused`); resume_run continues it.
         Paused time does not count against the run's wall-time limit."""
         with _as_tool_errors():
-            run = runtime.pause_run(run_id)
+            run = await anyio.to_thread.run_sync(runtime.pause_run, run_id)
             return {"run_id": run.id, "status": run.status, "pause_requested": True}
 
     @mcp.tool()

@@ -2,12 +2,13 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
 import pytest
 
-from model_server import ModelServer
+from model_server import ModelServer, tool_use
 
 
 def pytest_configure(config):
@@ -44,6 +45,8 @@ def git_repo(tmp_path) -> Path:
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fix-failing-test"
 LOOPWRIGHT = [sys.executable, "-m", "runtime.cli"]
+# The maker's edit that fixes the example's bug.
+FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
 
 
 @pytest.fixture
@@ -138,3 +141,12 @@ def run_id_of(result: subprocess.CompletedProcess) -> str:
     first = result.stdout.splitlines()[0]
     assert first.startswith("run "), result.stdout + result.stderr
     return first.split()[1]
+
+
+def wait_for(condition, timeout: float = 60):
+    """Poll until `condition()` is truthy (and return it); a bounded wait, not a timing assertion."""
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return value

@@ -2,27 +2,17 @@
 
 import signal
 import subprocess
-import time
 
 import anyio
 import pytest
 from mcp import Client
 
-from conftest import LOOPWRIGHT, write_spec
+from conftest import FIX, LOOPWRIGHT, wait_for, write_spec
 from model_server import text, tool_use
 from runtime.store import Store
 from test_mcp_stdio import call, error_of, server_params, until_finished
 
-FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
 GATE = {"approval": [{"tool": "run_command", "when": {"command": "echo deploy*"}, "timeout": "10m"}]}
-
-
-def wait_for(condition, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
-    return value
 
 
 def tool_result_text(request: dict) -> str:

@@ -5,10 +5,9 @@ import socket
 import subprocess
 import time
 
-from conftest import LOOPWRIGHT, loopwright, run_id_of, trace, write_spec
+from conftest import FIX, LOOPWRIGHT, loopwright, run_id_of, trace, write_spec
 from model_server import error, text, tool_use
 
-FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
 
 
 def events(run_id, kind):

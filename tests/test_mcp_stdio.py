@@ -7,10 +7,9 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import ROOT, write_spec
+from conftest import FIX, ROOT, write_spec
 from model_server import text, tool_use
 
-FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
 
 
 def server_params(loops_dir) -> StdioServerParameters:

@@ -6,22 +6,14 @@ import time
 
 import docker
 
-from conftest import LOOPWRIGHT, loopwright, write_spec
+from conftest import FIX, LOOPWRIGHT, loopwright, wait_for, write_spec
 from model_server import text, tool_use
 from runtime.store import Store
 
-FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
 
 
 def containers_of(run_id: str) -> list:
     return docker.from_env().containers.list(all=True, filters={"label": f"loopwright.run={run_id}"})
-
-
-def wait_for(condition, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
 
 
 def test_a_run_killed_mid_iteration_resumes_in_a_new_process_and_completes(home, project, model):
