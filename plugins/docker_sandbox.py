@@ -18,6 +18,8 @@ from runtime.spec import LoopSpec
 from sandbox import DockerSandbox, PoolKey, SandboxPool, default_image, reap_orphans
 
 DEFAULT_POOL_SIZE = 1
+# A check's Python reads no user site and writes no bytecode that a later check could run.
+CHECK_ENVIRONMENT = {"PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def pool_size() -> int:
@@ -46,8 +48,8 @@ class DockerSandboxes:
                 self._pool = SandboxPool(pool_size())
         self._pool.reserve(_pool_key(spec, Path(worktree).parent), run_id, worktree)
 
-    def start(self, *, run_id: str, worktree: Path, spec: LoopSpec) -> DockerSandbox:
-        if self._pool is not None:
+    def start(self, *, run_id: str, worktree: Path, spec: LoopSpec, verification: bool = False) -> DockerSandbox:
+        if self._pool is not None and not verification:
             pooled = self._pool.claim(run_id, worktree)
             if pooled is not None:
                 return pooled
@@ -55,9 +57,11 @@ class DockerSandboxes:
         return DockerSandbox.start(
             run_id=run_id, worktree=worktree, image=box.image or default_image(), network=box.network,
             memory=box.memory, pids_limit=box.pids_limit, cpus=box.cpus,
+            environment=CHECK_ENVIRONMENT if verification else None,
         )
 
     def reap_orphans(self) -> list[str]:
+        """Remove this Loopwright home's sandboxes whose owner process is gone (not other homes' on the engine)."""
         return reap_orphans()
 
 

@@ -374,12 +374,22 @@ def sandbox_build(force: bool) -> None:
 
 @sandbox.command("gc")
 def sandbox_gc() -> None:
-    """Show sandboxes and remove those whose owning process is gone."""
-    from sandbox import list_sandboxes, reap_orphans
+    """Show sandboxes and remove this Loopwright home's whose owning process is gone.
 
+    Sandboxes of other homes on the same Docker engine are shown, and left alone."""
+    from sandbox import list_sandboxes, reap_orphans
+    from sandbox.docker import loopwright_home
+
+    home = loopwright_home()
     for box in list_sandboxes():
-        click.echo(f"{box['name']}  run {box['run_id']}  owner pid {box['owner_pid']}  alive {box['alive']}")
-    removed = reap_orphans()
+        if box["home"] is None:
+            whose = "home unknown (not labelled): left alone"
+        elif box["home"] != home:
+            whose = f"home {box['home']} (another home): left alone"
+        else:
+            whose = f"home {box['home']}"
+        click.echo(f"{box['name']}  run {box['run_id']}  owner pid {box['owner_pid']}  alive {box['alive']}  {whose}")
+    removed = reap_orphans(home)
     click.echo(f"removed {len(removed)} leftover sandbox(es)" + (": " + ", ".join(removed) if removed else ""))
 
 

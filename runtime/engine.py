@@ -7,9 +7,10 @@ container on the same worktree, which holds every change the finished steps made
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import inspect
+import json
+import shutil
 import time
 from contextlib import AsyncExitStack
 from dataclasses import asdict
@@ -21,7 +22,7 @@ from dbos import DBOS
 
 from sandbox import worktree as worktrees
 
-from . import context
+from . import context, verification
 from .spec import LoopSpec
 from .types import (
     CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
@@ -41,7 +42,10 @@ def bind_runtime(runtime: Runtime) -> None:
     _runtime = runtime
 
 
-class StopRun(Exception):
+class StopRun(BaseException):
+    """A stop rule fired (a person, the wall clock, the budget). A BaseException, so a plugin's
+    ``except Exception`` around ``turn.model(...)`` or ``turn.tool(...)`` cannot swallow it."""
+
     def __init__(self, status: str, reason: str):
         super().__init__(reason)
         self.status = status
@@ -72,6 +76,8 @@ class LoopRun:
         self.sandbox: Sandbox | None = None
         self.tools: dict[str, Tool] = {}
         self.system_sections: list[str] = []
+        self.pins: dict[str, str] = {}  # the oracle's files at the base commit: path -> blob sha
+        self.baselines: dict[str, str] = {}  # check index -> file holding its verifier's baseline
         self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
 
     async def execute(self) -> Outcome:
@@ -91,9 +97,20 @@ class LoopRun:
                     self.tools.setdefault(tool.name, tool)
                 # A step, so a resumed run sends the same stable prefix (and reads it from the cache).
                 self.system_sections = await step("system_prompt", self.rt.host.system_prompt, self.info)
+                self.pins = await step("oracle_pins", self._oracle_pins)
+                self.baselines = await step("baseline", self._baseline)
                 outcome = await self._iterate()
             except StopRun as stop:
                 outcome = Outcome(stop.status, stop.reason, self.info.iteration)
+            except BaseExceptionGroup as group:  # a maker's task group re-raises a stop inside a group
+                stops = group.subgroup(StopRun)
+                if stops is None:
+                    if not isinstance(group, Exception):
+                        raise
+                    outcome = Outcome("error", f"{type(group).__name__}: {group}", self.info.iteration)
+                else:
+                    stop = stops.exceptions[0]
+                    outcome = Outcome(stop.status, stop.reason, self.info.iteration)
             except Exception as error:  # a broken model endpoint, a missing image, a plugin bug
                 outcome = Outcome("error", f"{type(error).__name__}: {error}", self.info.iteration)
         if self.info.worktree != Path("."):
@@ -134,11 +151,7 @@ class LoopRun:
         )
 
     async def _verify(self, iteration: int, summary: str) -> Verdict:
-        changed = await step("changed_files", worktrees.changed_files, self._worktree())
-        checks = [CheckResult(**c) for c in await step("protect", self._protect_check, changed)]
-        for index, check in enumerate(self.spec.verify):
-            result = await step(f"verify:{check.label}", self._run_check, iteration, index, changed)
-            checks.append(CheckResult(**result))
+        checks = [CheckResult(**c) for c in await step("verify", self._verify_copy, iteration)]
         verdict = Verdict(iteration, checks)
         self.store.update_run(self.id, last_verdict=verdict.to_dict())
         self._event(f"{iteration}.verdict", "verdict", iteration, verdict.to_dict())
@@ -165,30 +178,126 @@ class LoopRun:
         row = self.store.get_run(self.id)
         return worktrees.Worktree(Path(row.repo), Path(row.worktree), row.branch, row.base_commit)
 
-    def _protect_check(self, changed: list[str]) -> list[dict[str, Any]]:
-        patterns = [p for check in self.spec.verify for p in check.protect]
-        if not patterns:
-            return []
-        touched = sorted({f for f in changed for p in patterns if fnmatch.fnmatch(f, p)})
-        if not touched:
-            return [asdict(CheckResult("protected files", True))]
-        feedback = ("These files are protected (the checks' oracle) and must stay as they were: "
-                    + ", ".join(touched) + ". Restore them and fix the code instead.")
-        return [asdict(CheckResult("protected files", False, feedback, hashlib.sha1(feedback.encode()).hexdigest()[:12]))]
+    # --- verification: a clean copy in a fresh sandbox (docs/verification.md) ------------------
 
-    def _run_check(self, iteration: int, index: int, changed: list[str]) -> dict[str, Any]:
-        check = self.spec.verify[index]
-        verifier = self.rt.host.verifier(check.kind)(check)
-        assert self.sandbox is not None
-        ctx = VerifyContext(
-            self.info, self.sandbox, iteration, changed, lambda: worktrees.diff(self._worktree()),
+    def _oracle(self, base: verification.Tree) -> verification.Oracle:
+        patterns = [p for check in self.spec.verify for p in check.protect]
+        runner = any(check.kind == "command" and check.protect_runner for check in self.spec.verify)
+        return verification.Oracle.at_base(patterns, runner, base)
+
+    def _oracle_pins(self) -> dict[str, str]:
+        wt = self._worktree()
+        return self._oracle(worktrees.tree_of(wt, wt.base_commit)).pins()
+
+    def _checks_dir(self, name: str) -> Path:
+        return self.rt.settings.runs_dir / self.id / "checks" / name
+
+    def _check_sandbox(self, name: str, folder: Path) -> Sandbox:
+        provider = self.rt.host.sandbox(self.spec.sandbox.kind)
+        return provider.start(run_id=f"{self.id}-check-{name}", worktree=folder, spec=self.spec, verification=True)
+
+    def _context(self, iteration: int, index: int, sandbox: Sandbox, changed: list[str],
+                 diff: Callable[[], str]) -> VerifyContext:
+        baseline = self.baselines.get(str(index))
+        return VerifyContext(
+            self.info, sandbox, iteration, changed, diff,
             lambda model, usage, ms: self._record_model_call(f"{iteration}.check.{index}.model", iteration, model, usage, ms),
+            json.loads(Path(baseline).read_text()) if baseline else None,
         )
+
+    def _baseline(self) -> dict[str, str]:
+        """Run each verifier's `baseline` once on the base commit's tree (the test inventory); kept in files."""
+        verifiers = {i: self.rt.host.verifier(c.kind)(c) for i, c in enumerate(self.spec.verify)}
+        wanted = {i: v for i, v in verifiers.items() if hasattr(v, "baseline")}
+        if not wanted:
+            return {}
+        self.baselines = {}
+        wt = self._worktree()
+        base = worktrees.tree_of(wt, wt.base_commit)
+        folder = verification.fresh_folder(self._checks_dir("base"))
+        verification.materialize(folder, base, worktrees.read_blobs(wt, (sha for _, sha in base.values())))
+        box = self._check_sandbox("base", folder)
+        paths = {}
+        try:
+            for index, verifier in wanted.items():
+                value = verifier.baseline(self._context(0, index, box, [], lambda: ""))
+                if value is not None:
+                    path = self.rt.settings.runs_dir / self.id / f"baseline-{index}.json"
+                    path.write_text(json.dumps(value))
+                    paths[str(index)] = str(path)
+        finally:
+            box.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        return paths
+
+    def _verify_copy(self, iteration: int) -> list[dict[str, Any]]:
+        """The protected-files check, then every check of the spec, on a clean copy in a fresh sandbox."""
+        wt = self._worktree()
+        pointer_tampered = worktrees.pointer_tampered(wt)
+        base = worktrees.tree_of(wt, wt.base_commit)
+        oracle = self._oracle(base)
+        folder = verification.fresh_folder(self._checks_dir(str(iteration)))
+        try:
+            skipped: list[str] = []
+            tree = verification.copy_tree(wt.path, folder, skipped)
+            changed = verification.changed(tree, base)
+            blobs = worktrees.read_blobs(wt, [base[p][1] for p in changed if p in base] + list(self.pins.values()))
+            tampered = oracle.tampered(tree, lambda p: verification.read(folder, p), lambda p: blobs[base[p][1]])
+            verification.restore(folder, tampered, base, blobs)
+            pinned = verification.scan(folder, lambda p: p in self.pins)
+            drifted = sorted(p for p, sha in self.pins.items() if pinned.get(p, ("", ""))[1] != sha)
+            results = [self._protect_result(pointer_tampered, tampered, drifted, skipped + self._left_outside())]
+            box = self._check_sandbox(str(iteration), folder)
+            try:
+                for index, check in enumerate(self.spec.verify):
+                    ctx = self._context(iteration, index, box, changed,
+                                        lambda: verification.unified_diff(changed, base, blobs, folder))
+                    results.append(self._run_check(ctx, index, check))
+            finally:
+                box.close()
+            during = oracle.tampered(verification.scan(folder, oracle.wants), lambda p: verification.read(folder, p),
+                                     lambda p: blobs[base[p][1]])
+            if during:
+                feedback = ("The checks changed their own oracle while they ran: " + ", ".join(during)
+                            + ". Code under test must not write test or runner files.")
+                results.append(asdict(CheckResult("oracle unchanged by the checks", False, feedback, _digest(feedback))))
+            return results
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def _left_outside(self) -> list[str]:
+        """Files in the maker's sandbox, outside the tree, that would change how Python starts there."""
+        if self.sandbox is None:
+            return []
+        found = self.sandbox.run("find /tmp -xdev \\( -name '*.pth' -o -name sitecustomize.py -o -name usercustomize.py "
+                                 "\\) 2>/dev/null | head -20", timeout=30)
+        return found.stdout.split()
+
+    def _protect_result(self, pointer: bool, tampered: list[str], drifted: list[str], ignored: list[str]) -> dict[str, Any]:
+        problems = []
+        if pointer:
+            problems.append("The worktree's .git file was changed; it was put back, and Loopwright's git never "
+                            "reads it. Leave .git alone.")
+        if tampered:
+            problems.append("These files are the checks' oracle (protected) and must stay as they were: "
+                            + ", ".join(tampered) + ". The checks ran on their base-commit version; restore them "
+                            "in your tree and fix the code instead.")
+        if drifted:
+            problems.append("Pinned oracle files differ from the pins taken when the run started: " + ", ".join(drifted))
+        feedback = " ".join(problems)
+        signature = _digest(feedback) if problems else ""
+        if ignored:  # harmless now, but worth telling: the maker may think they count
+            feedback += (" The checks ran on a clean copy in a fresh sandbox, without these files of yours: "
+                         + ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else "") + ".")
+        return asdict(CheckResult("protected files", not problems, feedback.strip(), signature))
+
+    def _run_check(self, ctx: VerifyContext, index: int, check: Any) -> dict[str, Any]:
+        verifier = self.rt.host.verifier(check.kind)(check)
         started = time.monotonic()
         result = verifier.verify(ctx)
         result.name = check.label
         result.duration_ms = (time.monotonic() - started) * 1000
-        self._event(f"{iteration}.check.{index}", "check", iteration, asdict(result), duration_ms=result.duration_ms)
+        self._event(f"{ctx.iteration}.check.{index}", "check", ctx.iteration, asdict(result), duration_ms=result.duration_ms)
         return asdict(result)
 
     def _record_model_call(self, key: str, iteration: int, model: str, usage: dict[str, Any], duration_ms: float,
@@ -294,6 +403,10 @@ class LoopRun:
         self._event(f"{approval_id}.resolved", "approval_resolved", self.info.iteration,
                     {"approval": approval_id, "status": approval["status"], "note": approval["note"]})
         return {"status": approval["status"], "note": approval["note"]}
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _repeats(signatures: list[str]) -> int:

@@ -101,8 +101,9 @@ def loopwright_register_sandboxes(register: Callable[[str, Any], None]) -> None:
 
     Fires once when the plugin host is built.
 
-    :param register: ``register(kind, provider)``; the provider has ``start(run_id=, worktree=, spec=)``
-        returning a sandbox, and ``reap_orphans()`` removing sandboxes whose owner process is gone. It may
+    :param register: ``register(kind, provider)``; the provider has ``start(run_id=, worktree=, spec=,
+        verification=False)`` returning a sandbox (with ``verification``, a fresh one for a check on a
+        clean copy of the maker's tree, sharing nothing with the maker's), and ``reap_orphans()`` removing sandboxes whose owner process is gone. It may
         also have ``reserve(run_id=, worktree=, spec=)``, called before the run's worktree exists (a warm
         pool puts its ready sandbox's empty folder there; the worktree is then made in it).
     """
@@ -155,7 +156,8 @@ def loopwright_run_tools(
 def loopwright_before_tool_call(run: RunInfo, call: ToolCall) -> Decision | None:
     """Before each tool call of the maker; may allow or deny it.
 
-    Stops at the first non-None result.
+    Stops at the first non-None result: the host awaits each implementation in order (an async
+    implementation that returns None abstains, like a sync one).
 
     :param run: the run.
     :param call: the tool's name, the model's input and the iteration.

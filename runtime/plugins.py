@@ -213,9 +213,22 @@ class PluginHost:
                 tools.append(tool)
         return tools
 
+    async def _first_result(self, hook_name: str, **args: Any) -> Any:
+        """A firstresult hook: each implementation in call order, awaited, until one answers.
+
+        pluggy would stop at the first non-None return, and an async implementation that abstains
+        returns a coroutine, not None; so the host awaits each answer itself. Wrappers are not called.
+        """
+        for impl in reversed(getattr(self.pm.hook, hook_name).get_hookimpls()):
+            if impl.hookwrapper or impl.wrapper:
+                continue
+            answer = await await_me_maybe(impl.function(**{k: args[k] for k in impl.argnames}))
+            if answer is not None:
+                return answer
+        return None
+
     async def before_tool_call(self, run: RunInfo, call: ToolCall) -> Decision:
-        answer = await await_me_maybe(self.pm.hook.loopwright_before_tool_call(run=run, call=call))
-        return answer or Decision.allow()
+        return await self._first_result("loopwright_before_tool_call", run=run, call=call) or Decision.allow()
 
     async def after_tool_call(self, run: RunInfo, call: ToolCall, result: ToolResult) -> None:
         for value in self.pm.hook.loopwright_after_tool_call(run=run, call=call, result=result):

@@ -86,6 +86,8 @@ class VerifySpec(BaseModel):
     name: str | None = None
     run: str | None = None  # kind = "command": the shell command; exit code 0 means pass
     protect: list[str] = []
+    # Also protect the test runner's configuration and import path (docs/verification.md); false opts out.
+    protect_runner: bool = True
     timeout_s: float | None = Field(None, gt=0)
     model: str | None = None  # kind = "rubric": the reviewer's model
     rubric: str | None = None  # kind = "rubric": what the diff must satisfy

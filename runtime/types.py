@@ -37,7 +37,11 @@ class Sandbox(Protocol):
 class SandboxProvider(Protocol):
     """A sandbox kind (`docker`, ...), contributed by `loopwright_register_sandboxes`."""
 
-    def start(self, *, run_id: str, worktree: Path, spec: LoopSpec) -> Sandbox: ...
+    def start(self, *, run_id: str, worktree: Path, spec: LoopSpec, verification: bool = False) -> Sandbox:
+        """A sandbox on ``worktree``. ``verification``: one for a check, on a clean copy of the maker's
+        tree: fresh (nothing of the maker's sandbox reachable), with a fresh HOME and /tmp, no user
+        site and no bytecode written (PYTHONNOUSERSITE, PYTHONDONTWRITEBYTECODE)."""
+        ...
 
     def reap_orphans(self) -> list[str]: ...
 
@@ -157,9 +161,14 @@ class VerifyContext:
     diff: Callable[[], str]
     # record_model_call(model, usage, duration_ms) -> cost: a checker's model calls count against the budget
     record_model_call: Callable[[str, dict[str, Any], float], float]
+    baseline: dict[str, Any] | None = None  # what the verifier's `baseline` returned at the base commit
 
 
 class Verifier(Protocol):
+    """`verify` judges the clean copy in `ctx.sandbox`. A verifier may also define `baseline(ctx)`, run once
+    per run on the base commit's tree: what it returns (JSON-able, e.g. the test inventory) comes back
+    in every later `ctx.baseline`."""
+
     def verify(self, ctx: VerifyContext) -> CheckResult: ...
 
 

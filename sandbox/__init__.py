@@ -6,18 +6,19 @@ from .pool import PoolKey, SandboxPool
 from .worktree import (
     Worktree,
     WorktreeError,
-    changed_files,
     commit_all,
     create_worktree,
-    diff,
+    pointer_tampered,
     prune_worktrees,
+    read_blobs,
     remove_worktree,
+    tree_of,
 )
 
 __all__ = [
     "DockerSandbox", "ExecResult", "SandboxError", "close_all", "list_sandboxes", "reap_orphans",
     "IMAGE_REPO", "PACKAGES", "ImageBuildError", "build_image", "default_image", "image_exists",
     "PoolKey", "SandboxPool",
-    "Worktree", "WorktreeError", "changed_files", "commit_all", "create_worktree", "diff",
-    "prune_worktrees", "remove_worktree",
+    "Worktree", "WorktreeError", "commit_all", "create_worktree", "pointer_tampered", "prune_worktrees",
+    "read_blobs", "remove_worktree", "tree_of",
 ]

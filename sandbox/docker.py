@@ -8,8 +8,8 @@ python3 fall back to one ``docker exec`` per call.
 The run's worktree is the only writable mount (at /workspace); the root file system is read-only,
 all capabilities are dropped, privileges cannot be regained, there is no network unless asked
 for, and no host environment variable gets in. Containers are labelled with their owner process
-(pid + start time) so containers left by a crashed engine can be found and removed by
-``reap_orphans``; the agent also exits by itself when its owner's connection closes.
+(pid + start time) and Loopwright home so containers left by a crashed engine can be found and removed
+by ``reap_orphans`` of the same home; the agent also exits by itself when its owner's connection closes.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ _HOST_GRACE_S = 15.0  # extra time the host waits beyond the in-container timeou
 _DOCKER_API_TIMEOUT_S = 60
 _SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 LABEL = "loopwright"
+HOME_LABEL = "loopwright.home"  # the owner's Loopwright home: a reaper removes only its own home's sandboxes
 _AGENT_FOLDER_PREFIX = "loopwright-agent-"  # + owner pid and start time: reap_orphans removes a dead owner's
 
 # The docker-exec path (images without python3): run the command, then kill whatever it left
@@ -110,6 +111,13 @@ def _client():
                 ) from exc
             _client_obj = c
         return _client_obj
+
+
+def loopwright_home() -> str:
+    """The Loopwright home this process works for, as runtime/config.py finds it (LOOPWRIGHT_HOME, else
+    ~/.loopwright; resolved): its sandboxes carry it in the ``loopwright.home`` label, and its reaper
+    removes only sandboxes of that home (other homes may share the Docker engine)."""
+    return str(Path(os.environ.get("LOOPWRIGHT_HOME") or Path.home() / ".loopwright").expanduser().resolve())
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -272,11 +280,12 @@ class DockerSandbox:
     def start(cls, *, run_id: str, worktree: Path, image: str, network: str = "none", memory: str = "1g",
               pids_limit: int = 256, cpus: float = 1.0, output_limit: int = OUTPUT_LIMIT, agent: bool = True,
               agent_idle_s: float = AGENT_IDLE_S, agent_lifetime_s: float = AGENT_LIFETIME_S,
-              pooled: bool = False) -> "DockerSandbox":
+              pooled: bool = False, environment: dict[str, str] | None = None) -> "DockerSandbox":
         """Start the run's container and wait until it can run a command; on any failure nothing is left.
 
         ``agent=False`` runs every call through ``docker exec`` (as for an image without python3);
-        ``pooled`` marks a warm pool's sandbox, whose run is named later by ``hand_over``.
+        ``pooled`` marks a warm pool's sandbox, whose run is named later by ``hand_over``;
+        ``environment`` adds variables to the container's own (HOME and PATH).
         """
         if not _SAFE_ID.match(run_id):
             raise SandboxError(f"run id {run_id!r} is not usable in a container name; use letters, digits, '.', '_', '-'")
@@ -291,7 +300,8 @@ class DockerSandbox:
             give_worktree_to_sandbox_user(worktree)
         options = dict(run_id=run_id, worktree=worktree, image=image, network=network, memory=memory,
                        pids_limit=pids_limit, cpus=cpus, output_limit=output_limit, agent=agent,
-                       agent_idle_s=agent_idle_s, agent_lifetime_s=agent_lifetime_s, pooled=pooled)
+                       agent_idle_s=agent_idle_s, agent_lifetime_s=agent_lifetime_s, pooled=pooled,
+                       environment=dict(environment or {}))
         sb = cls(**_launch(options), run_id=run_id, worktree=worktree, image=image, network=network,
                  user=_sandbox_user(), options=options)
         with _live_lock:
@@ -453,6 +463,7 @@ def _launch(options: dict) -> dict:
         "loopwright.owner.pid": str(me),
         "loopwright.owner.started": _proc_start_time(me) or "",
         "loopwright.owner.host": socket.gethostname(),
+        HOME_LABEL: loopwright_home(),
         "loopwright.created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if options["pooled"]:
@@ -494,7 +505,7 @@ def _launch(options: dict) -> dict:
         try:
             container_id = client.api.create_container(
                 image, entrypoint=entrypoint, command=[], name=name, labels=labels, user=_sandbox_user(),
-                working_dir=WORKDIR, environment={"HOME": "/tmp", "PATH": SANDBOX_PATH},
+                working_dir=WORKDIR, environment={**options.get("environment", {}), "HOME": "/tmp", "PATH": SANDBOX_PATH},
                 host_config=host_config, use_config_proxy=False,  # the client's proxy settings are host config
             )["Id"]
         except docker.errors.ImageNotFound:
@@ -595,8 +606,9 @@ def _labelled_containers() -> list[dict]:
 
 
 def list_sandboxes() -> list[dict]:
-    """All loopwright containers on this engine, with owner liveness (None = owned from another host)
-    and whether a warm pool started them."""
+    """All loopwright containers on this engine, with owner liveness (None = owned from another host),
+    the owner's Loopwright home (None = a container from before homes were labelled) and whether a warm
+    pool started them."""
     out = []
     for c in _labelled_containers():
         labels = c["labels"]
@@ -607,6 +619,7 @@ def list_sandboxes() -> list[dict]:
             "pooled": labels.get("loopwright.pool") == "1",
             "owner_pid": int(labels["loopwright.owner.pid"]) if labels.get("loopwright.owner.pid", "").isdigit() else None,
             "owner_host": labels.get("loopwright.owner.host"),
+            "home": labels.get(HOME_LABEL),
             "alive": _owner_alive(labels),
             "created": labels.get("loopwright.created"),
             "status": c["status"],
@@ -614,19 +627,27 @@ def list_sandboxes() -> list[dict]:
     return out
 
 
-def reap_orphans() -> list[str]:
-    """Remove loopwright containers whose owning process (on this host) is gone; return their names.
+def reap_orphans(home: str | os.PathLike | None = None) -> list[str]:
+    """Remove the loopwright containers of one Loopwright home (default: this process's, see
+    ``loopwright_home``) whose owning process (on this host) is gone; return their names. Containers of
+    other homes on the same engine, and unlabelled ones, are left alone: their owners may be at work.
 
-    Also removes the agent folders such a process left in the temporary folder (killed mid-start).
+    Also removes the agent folders a dead process left in the temporary folder (killed mid-start). They
+    are keyed by owner pid and start time, so a live process's folder is never removed, whatever its home.
     """
+    home = loopwright_home() if home is None else str(Path(home).expanduser().resolve())
     removed = []
     for c in _labelled_containers():
-        if _owner_alive(c["labels"]) is False:
+        if c["labels"].get(HOME_LABEL) == home and _owner_alive(c["labels"]) is False:
             _force_remove(c["id"])
             removed.append(c["name"])
     for folder in Path(tempfile.gettempdir()).glob(f"{_AGENT_FOLDER_PREFIX}*"):
         pid, _, rest = folder.name.removeprefix(_AGENT_FOLDER_PREFIX).partition("-")
         started = rest.rpartition("-")[0]
-        if pid.isdigit() and folder.stat().st_uid == os.getuid() and _proc_start_time(int(pid)) != started:
+        try:
+            mine = folder.stat().st_uid == os.getuid()
+        except FileNotFoundError:  # removed meanwhile (its start finished, or another home's reaper)
+            continue
+        if pid.isdigit() and mine and _proc_start_time(int(pid)) != started:
             shutil.rmtree(folder, ignore_errors=True)
     return removed

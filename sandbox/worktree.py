@@ -1,10 +1,11 @@
-"""Host-side git for a run's own worktree.
+"""Host-side git for a run's own worktree, which the maker can write but never steer.
 
-Each run works on ``git worktree`` of the user's repository on its own branch, so the
-user's checkout (dirty or not) is never touched and runs never collide. The sandbox writes
-files as another uid, so every git call passes ``-c safe.directory=*``. Hooks are disabled
-for our commits: a hook config in the worktree was written by the agent and must not run
-on the host.
+Each run works on ``git worktree`` of the user's repository on its own branch, so the user's
+checkout (dirty or not) is never touched and runs never collide. Everything inside the worktree
+is the maker's, including its ``.git`` pointer: host git never discovers a repository through
+it. Every call names the git dir (found from the repository's own administrative files) and the
+work tree explicitly, with fsmonitor, hooks and the untracked cache off; commits are built from
+blobs hashed without filters, so no attribute the maker writes selects a command to run here.
 """
 
 from __future__ import annotations
@@ -40,6 +41,21 @@ class Worktree:
     branch: str
     base_commit: str
 
+    @property
+    def git_dir(self) -> Path:
+        """The worktree's administrative folder in the repository, found without reading the worktree."""
+        return admin_dir(self.repo, self.path)
+
+    @property
+    def pointer(self) -> str:
+        """What the worktree's ``.git`` file must hold."""
+        return f"gitdir: {self.git_dir}\n"
+
+
+# Host git: no fsmonitor or hooks, nothing that runs a configured command on the maker's files.
+_HARDENED = ("-c", "core.fsmonitor=false", "-c", "core.hooksPath=/dev/null", "-c", "core.untrackedCache=false",
+             "-c", "diff.external=", "-c", "submodule.recurse=false")
+
 
 def _git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # Inherited GIT_DIR / GIT_INDEX_FILE etc. would redirect git to another repository.
@@ -50,11 +66,76 @@ def _git_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _git(cwd: Path, *args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    cmd = ["git", "-c", "safe.directory=*", "-c", "core.hooksPath=/dev/null", "-C", str(cwd), *args]
+    """Git on the user's repository itself (never on a run's worktree: see ``_git_wt``)."""
+    cmd = ["git", *_HARDENED, "-C", str(cwd), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_git_env(env))
     if check and proc.returncode != 0:
         raise WorktreeError(f"`git {' '.join(args)}` in {cwd} failed (exit {proc.returncode}): {proc.stderr.strip()}")
     return proc
+
+
+def _git_wt(wt: Worktree, *args: str, env: dict[str, str] | None = None, input: bytes | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Git on a run's worktree with the git dir and work tree given, so the worktree's ``.git`` is never read."""
+    cmd = ["git", *_HARDENED, f"--git-dir={wt.git_dir}", f"--work-tree={wt.path}", *args]
+    proc = subprocess.run(cmd, capture_output=True, input=input, cwd=wt.repo, env=_git_env(env))
+    if check and proc.returncode != 0:
+        raise WorktreeError(f"`git {' '.join(args)}` on {wt.path} failed (exit {proc.returncode}): "
+                            f"{proc.stderr.decode(errors='replace').strip()}")
+    return proc
+
+
+def admin_dir(repo: Path, path: Path) -> Path:
+    """The ``.git/worktrees/<id>`` folder whose ``gitdir`` file names ``path``: the repository's files, not the worktree's."""
+    common = Path(_git(Path(repo), "rev-parse", "--path-format=absolute", "--git-common-dir").stdout.strip())
+    want = Path(path).resolve() / ".git"
+    for gitdir in sorted((common / "worktrees").glob("*/gitdir")):
+        if Path(gitdir.read_text().strip()) == want:
+            return gitdir.parent
+    raise WorktreeError(f"{path} is not a worktree of {repo}; its run cannot be verified or committed")
+
+
+def pointer_tampered(wt: Worktree) -> bool:
+    """True when the worktree's ``.git`` is no longer the file git wrote; the pointer is put back either way."""
+    dot_git = wt.path / ".git"
+    try:
+        intact = dot_git.is_file() and not dot_git.is_symlink() and dot_git.read_text() == wt.pointer
+    except (OSError, UnicodeDecodeError):
+        intact = False
+    if not intact:
+        if dot_git.is_dir() and not dot_git.is_symlink():
+            shutil.rmtree(dot_git)
+        elif dot_git.exists() or dot_git.is_symlink():
+            dot_git.unlink()
+        dot_git.write_text(wt.pointer)
+    return not intact
+
+
+def tree_of(wt: Worktree, commit: str) -> dict[str, tuple[str, str]]:
+    """``path -> (mode, blob sha)`` of every file in ``commit`` (submodules left out)."""
+    out = _git_wt(wt, "ls-tree", "-r", "-z", "--full-tree", commit).stdout.decode(errors="surrogateescape")
+    tree = {}
+    for entry in filter(None, out.split("\0")):
+        meta, path = entry.split("\t", 1)
+        mode, kind, sha = meta.split()
+        if kind == "blob":
+            tree[path] = (mode, sha)
+    return tree
+
+
+def read_blobs(wt: Worktree, shas: Iterable[str]) -> dict[str, bytes]:
+    """The contents of blobs, by sha, in one ``git cat-file --batch``."""
+    wanted = list(dict.fromkeys(shas))
+    if not wanted:
+        return {}
+    out = _git_wt(wt, "cat-file", "--batch", input="".join(f"{sha}\n" for sha in wanted).encode()).stdout
+    blobs, at = {}, 0
+    for sha in wanted:
+        header_end = out.index(b"\n", at)
+        size = int(out[at:header_end].split()[2])
+        blobs[sha] = out[header_end + 1:header_end + 1 + size]
+        at = header_end + 1 + size + 1
+    return blobs
 
 
 def _registered_worktrees(repo: Path) -> dict[Path, str]:
@@ -119,47 +200,38 @@ def _excludes(wt: Worktree) -> tuple[str, ...]:
     return ("-c", f"core.excludesFile={path}")
 
 
-def _with_temp_index(wt: Worktree, *args: str) -> str:
-    """Run git with a throwaway index holding the whole worktree (untracked files included).
-
-    The real index is copied first so git can reuse its stat cache, then left untouched.
-    """
-    real_index = Path(_git(wt.path, "rev-parse", "--path-format=absolute", "--git-path", "index").stdout.strip())
-    with tempfile.TemporaryDirectory(prefix="loopwright-index-") as tmp:
-        index = Path(tmp) / "index"
-        if real_index.exists():
-            shutil.copyfile(real_index, index)
-        env = {"GIT_INDEX_FILE": str(index)}
-        _git(wt.path, *_excludes(wt), "add", "-A", env=env)
-        return _git(wt.path, *args, env=env).stdout
-
-
-def changed_files(wt: Worktree) -> list[str]:
-    """Paths (relative to the worktree) added, modified or deleted since ``base_commit``."""
-    out = _with_temp_index(wt, "diff", "--cached", "--no-renames", "--name-only", "-z", wt.base_commit)
-    return [p for p in out.split("\0") if p]
-
-
-def diff(wt: Worktree) -> str:
-    """Full diff since ``base_commit``, untracked files included, without touching the real index."""
-    return _with_temp_index(wt, "diff", "--cached", "--binary", wt.base_commit)
-
-
 def commit_all(wt: Worktree, message: str) -> str | None:
-    """Commit everything in the worktree on the run's branch; None when there was nothing to commit."""
-    _git(wt.path, *_excludes(wt), "add", "-A")
-    if _git(wt.path, "diff", "--cached", "--quiet", check=False).returncode == 0:
+    """Commit everything in the worktree on the run's branch; None when there was nothing to commit.
+
+    The files are those ``git add -A`` would take, but hashed with ``--no-filters`` and written to the
+    tree directly: no clean filter, no hook and no fsmonitor runs, whatever the worktree says.
+    """
+    pointer_tampered(wt)
+    listed = _git_wt(wt, *_excludes(wt), "ls-files", "-z", "--cached", "--others", "--exclude-standard").stdout
+    entries = []
+    for path in sorted(set(filter(None, listed.decode(errors="surrogateescape").split("\0")))):
+        full = wt.path / path
+        if path.endswith("/") or not (full.is_file() or full.is_symlink()):
+            continue  # deleted, a nested repository, or not a file
+        if full.is_symlink():
+            mode, data = "120000", os.fsencode(os.readlink(full))
+        else:
+            mode, data = ("100755" if os.access(full, os.X_OK) else "100644"), full.read_bytes()
+        sha = _git_wt(wt, "hash-object", "-w", "--no-filters", "--stdin", input=data).stdout.decode().strip()
+        entries.append(f"{mode} {sha}\t{path}\0")
+    with tempfile.TemporaryDirectory(prefix="loopwright-index-") as tmp:
+        env = {"GIT_INDEX_FILE": str(Path(tmp) / "index")}
+        _git_wt(wt, "update-index", "-z", "--add", "--index-info", env=env, input="".join(entries).encode())
+        tree = _git_wt(wt, "write-tree", env=env).stdout.decode().strip()
+    head = _git_wt(wt, "rev-parse", f"refs/heads/{wt.branch}").stdout.decode().strip()
+    if _git_wt(wt, "rev-parse", f"{head}^{{tree}}").stdout.decode().strip() == tree:
         return None
-    _git(
-        wt.path,
-        "-c", f"user.name={AUTHOR_NAME}", "-c", f"user.email={AUTHOR_EMAIL}", "-c", "commit.gpgsign=false",
-        "commit", "--quiet", "--no-verify", "-m", message,
-        env={
-            "GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
-            "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL,
-        },
-    )
-    return _git(wt.path, "rev-parse", "HEAD").stdout.strip()
+    identity = {"GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
+                "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL}
+    sha = _git_wt(wt, "commit-tree", tree, "-p", head, "-m", message, env=identity).stdout.decode().strip()
+    _git_wt(wt, "update-ref", f"refs/heads/{wt.branch}", sha, head)
+    _git_wt(wt, "read-tree", sha)  # the worktree's index follows, so `git status` there shows a clean tree
+    return sha
 
 
 def remove_worktree(repo: Path, path: Path) -> None:

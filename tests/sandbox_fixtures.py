@@ -5,7 +5,11 @@ import io
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import textwrap
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +74,33 @@ def shell_only_image() -> str:
     subprocess.run(["docker", "import", "-c", "ENV PATH=/bin", "-", tag], input=archive.getvalue(), check=True,
                    capture_output=True)
     return tag
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def owner_process(sandbox_image: str, worktree: Path, home: Path | None = None):
+    """Another process (of Loopwright home ``home``, if given) that starts a sandbox, then waits; yields it,
+    the container's name and id, and removes the container at the end."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(ROOT)!r})
+        from sandbox import DockerSandbox
+        sb = DockerSandbox.start(run_id="orphan", worktree={str(worktree)!r}, image={sandbox_image!r})
+        print(sb.name, sb.container_id, flush=True)
+        time.sleep(300)
+    """)
+    env = {**os.environ, "LOOPWRIGHT_HOME": str(home)} if home else None
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    container_id = None
+    try:
+        name, container_id = child.stdout.readline().split()
+        yield child, name, container_id
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        child.stdout.close()
+        if container_id:
+            subprocess.run(["docker", "rm", "-f", container_id], capture_output=True)

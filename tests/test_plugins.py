@@ -286,7 +286,10 @@ def test_a_loop_runs_on_a_third_party_maker_sandbox_and_verifier(install, home, 
     branch = f"loopwright/fix-failing-test/{run_id_of(result)}"
     made = subprocess.run(["git", "-C", str(project), "show", f"{branch}:done.txt"], capture_output=True, text=True)
     assert made.stdout == "made by the probe agent\n"
-    assert [c["hook"] for c in recorded(record) if c["hook"].startswith("sandbox_")] == ["sandbox_started", "sandbox_closed"]
+    # The maker's sandbox, then a fresh one for the check on a clean copy; both closed.
+    sandboxes = [c for c in recorded(record) if c["hook"].startswith("sandbox_")]
+    assert [(c["hook"], c.get("verification")) for c in sandboxes] == [
+        ("sandbox_started", False), ("sandbox_started", True), ("sandbox_closed", None), ("sandbox_closed", None)]
 
 
 @pytest.mark.hook("loopwright_run_started", "loopwright_system_prompt", "loopwright_run_tools",

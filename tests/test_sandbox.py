@@ -6,23 +6,20 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import textwrap
 import threading
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import docker
 import pytest
 
-from sandbox import SandboxError, changed_files, commit_all, create_worktree, diff, list_sandboxes, reap_orphans
+from runtime.verification import changed, scan, unified_diff
+from sandbox import SandboxError, commit_all, create_worktree, list_sandboxes, read_blobs, reap_orphans, tree_of
 from runtime.service import process_start_time
 from sandbox import docker as sandbox_docker
-from sandbox_fixtures import container_ids, containers_of, git, make_sandbox, shell_only_image  # noqa: F401
+from sandbox_fixtures import container_ids, containers_of, git, make_sandbox, owner_process, shell_only_image  # noqa: F401
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_command_runs_in_container_as_non_root(make_sandbox):
@@ -66,8 +63,11 @@ def test_sandbox_writes_reach_worktree_and_commit_all_commits_on_run_branch(make
     r = sb.run("mkdir -p src && echo 'print(1)' > src/new.py && rm README.md", timeout=20)
     assert r.exit_code == 0, r.stderr
     assert (wt.path / "src/new.py").read_text() == "print(1)\n"
-    assert sorted(changed_files(wt)) == ["README.md", "src/new.py"]
-    assert "+print(1)" in diff(wt)
+    base = tree_of(wt, wt.base_commit)
+    paths = changed(scan(wt.path), base)
+    assert paths == ["README.md", "src/new.py"]
+    diff = unified_diff(paths, base, read_blobs(wt, [sha for _, sha in base.values()]), wt.path)
+    assert "+print(1)" in diff and "-hello" in diff
 
     sha = commit_all(wt, "loop step 1")
     assert sha is not None
@@ -192,31 +192,6 @@ def test_missing_image_gives_clear_error(git_repo, tmp_path):
         sandbox_docker.DockerSandbox.start(run_id=run_id, worktree=wt.path, image="loopwright-sandbox:does-not-exist")
     assert "loopwright-sandbox:does-not-exist" in str(err.value)
     assert containers_of(run_id) == []
-
-
-@contextmanager
-def owner_process(sandbox_image: str, worktree: Path):
-    """Another process that starts a sandbox, then waits; yields it, the container's name and id."""
-    code = textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(ROOT)!r})
-        from sandbox import DockerSandbox
-        sb = DockerSandbox.start(run_id="orphan", worktree={str(worktree)!r}, image={sandbox_image!r})
-        print(sb.name, sb.container_id, flush=True)
-        time.sleep(300)
-    """)
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    container_id = None
-    try:
-        name, container_id = child.stdout.readline().split()
-        yield child, name, container_id
-    finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        child.stdout.close()
-        if container_id:
-            subprocess.run(["docker", "rm", "-f", container_id], capture_output=True)
 
 
 def wait_until_exited(container_id: str, what: str) -> None:

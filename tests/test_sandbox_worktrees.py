@@ -5,8 +5,13 @@ import time
 
 import pytest
 
-from sandbox import WorktreeError, changed_files, create_worktree, prune_worktrees
+from runtime.verification import changed, scan
+from sandbox import WorktreeError, create_worktree, prune_worktrees, tree_of
 from sandbox_fixtures import git
+
+
+def changed_files(wt):
+    return changed(scan(wt.path), tree_of(wt, wt.base_commit))
 
 
 def test_worktree_leaves_dirty_checkout_untouched_and_runs_do_not_collide(git_repo, tmp_path):

@@ -89,8 +89,8 @@ class HostSandbox:
 
 
 class HostSandboxes:
-    def start(self, *, run_id, worktree, spec):
-        _record("sandbox_started", run=run_id)
+    def start(self, *, run_id, worktree, spec, verification=False):
+        _record("sandbox_started", run=run_id, verification=verification)
         return HostSandbox(Path(worktree))
 
     def reap_orphans(self):
