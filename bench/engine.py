@@ -3,7 +3,7 @@
 Runs the real runtime in-process (DBOS on SQLite in a temporary LOOPWRIGHT_HOME, the engine, the
 plugin host) with N rounds of model call + tool call per run, for several N. The slope of run time
 against the number of steps is the engine's cost per step; the intercept is the fixed cost per run
-(worktree, sandbox start, checks, commit). The same maker loop run without the engine is the floor.
+(worktree, sandbox start, oracle pins, baseline, the checks on a clean copy, commit). The same maker loop run without the engine is the floor.
 
     .venv/bin/python bench/engine.py            # writes bench/results/engine.json
 """
@@ -43,7 +43,10 @@ GOAL_MS = 10.0
 ROUNDS = (0, 50, 200)  # model + tool calls per run: 2N steps in the turn
 REPEATS = 3
 LONG_ROUNDS = 1000  # one long run, outside the fit: does the cost per step grow with the trace?
-FIXED_STEPS = 6  # prepare_worktree, changed_files, protect, verify, commit, finish
+# The engine's own steps in a run of one iteration (runtime/engine.py LoopRun.execute, _verify); the
+# bench reads each run's steps back (DBOS.list_workflow_steps) and reports any difference.
+FIXED_STEPS = ("prepare_worktree", "system_prompt", "oracle_pins", "baseline", "verify", "verdict_hooks",
+               "commit", "finish", "run_finished_hooks")
 MODEL = "claude-haiku-5-5"
 REPLY = {"content": [{"type": "tool_use", "id": "t1", "name": "noop", "input": {}}],
          "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": 5}}
@@ -83,8 +86,8 @@ class NullSandbox:
 
 
 class NullSandboxes:
-    def start(self, *, run_id, worktree, spec):
-        return NullSandbox()
+    def start(self, *, run_id, worktree, spec, verification=False):
+        return NullSandbox()  # the maker's sandbox and each check's fresh one alike
 
     def reap_orphans(self):
         return []
@@ -146,8 +149,11 @@ def timed_run(runtime: Runtime, spec, rounds: int) -> dict:
     row = runtime.get_run(run.id)
     if row.status != "succeeded":
         raise SystemExit(f"run {run.id} ended {row.status}: {row.reason}")
-    steps = len(DBOS.list_workflow_steps(run.id, load_output=False))
-    return {"rounds": rounds, "steps": steps, "events": len(runtime.trace(run.id, limit=100_000)),
+    DBOS.retrieve_workflow(run.id).get_result()  # the hook's own step is recorded after the hook returns
+    steps = [s["function_name"] for s in DBOS.list_workflow_steps(run.id, load_output=False)]
+    engine_steps = [name for name in steps if not name.startswith(("model:", "tool:"))]
+    return {"rounds": rounds, "steps": len(steps), "engine_steps": engine_steps,
+            "events": len(runtime.trace(run.id, limit=100_000)),
             "run_ms": round(elapsed * 1000, 2), "turn_ms": round(BenchPlugin.turn_s * 1000, 2)}
 
 
@@ -172,6 +178,10 @@ def main() -> None:
         long = timed_run(runtime, spec, LONG_ROUNDS)
     finally:
         runtime.shutdown()
+    seen = {tuple(p.pop("engine_steps")) for p in [*points, long]}
+    if seen != {FIXED_STEPS}:
+        print(f"note: the engine's steps were {sorted(seen)}, not FIXED_STEPS {FIXED_STEPS}; update FIXED_STEPS",
+              file=sys.stderr)
     fit = statistics.linear_regression([p["steps"] for p in points], [p["run_ms"] for p in points])
     in_turn = [p["turn_ms"] / (2 * p["rounds"]) for p in points if p["rounds"]]
     long["ms_per_step_in_turn"] = round(long["turn_ms"] / (2 * LONG_ROUNDS), 3)
@@ -187,6 +197,8 @@ def main() -> None:
         "per_run_fixed_ms": round(fit.intercept, 1),
         "run_ms_without_maker_steps_median": statistics.median(p["run_ms"] for p in points if not p["rounds"]),
         "floor_per_step_ms": round(floor, 5),
+        "engine_steps_per_run": [list(names) for names in sorted(seen)],
+        "engine_steps_as_expected": seen == {FIXED_STEPS},
         "goal_met": fit.slope <= GOAL_MS,
         "goal_met_in_long_run": long["ms_per_step_in_turn"] <= GOAL_MS,
         "points": points,
@@ -205,7 +217,7 @@ def main() -> None:
     print(f"per step, model+tool inside the turn (median): {result['per_step_ms_in_turn_median']:.2f} ms")
     print(f"long run, {long['steps']} steps: {long['ms_per_step_in_turn']:.2f} ms per step inside the turn")
     print(f"fixed per run (intercept): {fit.intercept:.0f} ms   floor without the engine: {floor * 1000:.2f} us/step\n"
-          f"a run without maker steps ({FIXED_STEPS} fixed steps): {result['run_ms_without_maker_steps_median']:.0f} ms")
+          f"a run without maker steps ({len(FIXED_STEPS)} engine steps): {result['run_ms_without_maker_steps_median']:.0f} ms")
     print(f"written to {out.relative_to(ROOT)}")
 
 
