@@ -7,7 +7,11 @@ Measures, side by side in one run (interleaved rounds, so a busy machine slows e
   a plain `docker exec`, the sandbox's docker-exec fallback (images without python3), and a new
   hardened container per call (`docker run --rm`);
 - start-to-first-call: from asking for a sandbox to the end of its first call, cold
-  (`DockerSandbox.start`) and from the warm pool (reserve + claim, the slot already started).
+  (`DockerSandbox.start`) and from the warm pool (reserve + claim, the slot already started);
+- verification overhead: the example's check (examples/fix-failing-test) run the old way, in the
+  maker's running sandbox, against the new way, the engine's own verification code end to end
+  (clean copy, oracle restore and scan, a fresh check sandbox, the pytest report read back, close,
+  removal), with where the new way's time goes.
 
     .venv/bin/python bench/sandbox.py            # writes bench/results/sandbox.json
 """
@@ -17,23 +21,36 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from plugins.command_verifier import CommandVerifier  # noqa: E402
+from plugins.docker_sandbox import DockerSandboxes  # noqa: E402
+from runtime.engine import LoopRun  # noqa: E402
+from runtime.spec import load_spec  # noqa: E402
+from runtime.types import RunInfo  # noqa: E402
 from sandbox import DockerSandbox, PoolKey, SandboxPool, build_image  # noqa: E402
+from sandbox import worktree as worktrees  # noqa: E402
 from sandbox.docker import WORKDIR, _sandbox_user  # noqa: E402
 
 ROUNDS = 10
 PER_ROUND = {"host_floor": 40, "agent": 40, "docker_exec": 4, "exec_fallback": 4, "new_container": 1}
 STARTS = 8
-GOALS_MS = {"overhead_p50": 2.0, "cold_start_to_first_call_p50": 300.0, "warm_start_to_first_call_p50": 30.0}
+VERIFY_ROUNDS = 15
+GOALS_MS = {"overhead_p50": 2.0, "cold_start_to_first_call_p50": 300.0, "warm_start_to_first_call_p50": 30.0,
+            "verification_added_p50": 300.0}
+EXAMPLE = ROOT / "examples" / "fix-failing-test"
+FIX = ("(len(numbers) + 1)", "len(numbers)")  # the maker's edit to the example's calc.py, as in the tests
+PHASES = ("copy_and_oracle", "sandbox_start", "check", "sandbox_close", "rescan_and_remove")
 HARDENING = ["--network", "none", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", "--read-only",
              "--pids-limit", "256", "--memory", "1g", "--memory-swap", "1g", "--cpus", "1"]
 
@@ -118,6 +135,144 @@ def start_to_first_call(image: str, tmp: Path) -> dict:
     return {"cold": summary(cold), "warm_pool": summary(warm)}
 
 
+class TimedBox:
+    """A check sandbox whose close is timed."""
+
+    def __init__(self, box, phases: dict):
+        self.box, self.phases, self.worktree = box, phases, box.worktree
+
+    def run(self, command, *, timeout, stdin=None):
+        return self.box.run(command, timeout=timeout, stdin=stdin)
+
+    def close(self):
+        started = time.perf_counter()
+        self.box.close()
+        self.phases["sandbox_close"] = (time.perf_counter() - started) * 1000
+
+
+class BenchRun(LoopRun):
+    """The engine's verification code (LoopRun._oracle_pins, _baseline, _verify_copy and what they call)
+    with the docker sandbox plugin and the command verifier, but no DBOS, store or trace; times its phases."""
+
+    def __init__(self, wt: worktrees.Worktree, spec, maker, runs_dir: Path):
+        self.spec, self.id, self.sandbox, self._wt = spec, "bench-verify", maker, wt
+        provider = DockerSandboxes()  # no reserve(), so no warm pool: every check sandbox starts cold
+        host = SimpleNamespace(sandbox=lambda kind: provider, verifier=lambda kind: CommandVerifier)
+        self.rt = SimpleNamespace(settings=SimpleNamespace(runs_dir=runs_dir), host=host)
+        (runs_dir / self.id).mkdir(parents=True)
+        self.info = RunInfo(self.id, spec.name, spec, wt.branch, wt.path)
+        self.pins, self.baselines, self.phases = {}, {}, {}
+
+    def _worktree(self):
+        return self._wt
+
+    def _event(self, *args, **numbers):
+        pass
+
+    def _check_sandbox(self, name, folder):
+        started = time.perf_counter()
+        self.phases["copy_and_oracle"] = (started - self.phases.pop("t0", started)) * 1000
+        box = super()._check_sandbox(name, folder)
+        self.phases["sandbox_start"] = (time.perf_counter() - started) * 1000
+        return TimedBox(box, self.phases)
+
+    def _run_check(self, ctx, index, check):
+        started = time.perf_counter()
+        result = super()._run_check(ctx, index, check)
+        self.phases["check"] = (time.perf_counter() - started) * 1000
+        return result
+
+    def verify(self, iteration: int) -> tuple[float, dict]:
+        """One verification as the engine's `verify` step does it: its time, and the time of each phase."""
+        started = time.perf_counter()
+        self.phases = {"t0": started}
+        results = self._verify_copy(iteration)
+        total = (time.perf_counter() - started) * 1000
+        failed = [r for r in results if not r["passed"]]
+        if failed:
+            raise SystemExit(f"the example's check failed the new way: {failed}")
+        phases = {**self.phases, "rescan_and_remove": total - sum(self.phases.values())}
+        return total, phases
+
+
+def example_worktree(tmp: Path) -> worktrees.Worktree:
+    """The example as run.sh sets it up (a git repository), its run's worktree, and the maker's fix in it."""
+    repo = tmp / "example"
+    repo.mkdir()
+    shutil.copy(EXAMPLE / "calc.py", repo)
+    shutil.copy(EXAMPLE / "loop.toml", repo)
+    shutil.copytree(EXAMPLE / "tests", repo / "tests")
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"], ["commit", "-q", "-m", "example: a failing test"]):
+        subprocess.run(["git", "-c", "user.name=B", "-c", "user.email=b@example.invalid", "-C", str(repo), *args],
+                       check=True, capture_output=True)
+    wt = worktrees.create_worktree(repo, tmp / "worktrees-verify", "fix-failing-test", "bench-verify")
+    calc = wt.path / "calc.py"
+    calc.write_text(calc.read_text().replace(*FIX))
+    return wt
+
+
+def verification_overhead(image: str, tmp: Path) -> dict:
+    wt = example_worktree(tmp)
+    spec = load_spec(wt.repo / "loop.toml")
+    spec.sandbox.image = image
+    command = spec.verify[0].run
+    maker = DockerSandboxes().start(run_id="bench-verify-maker", worktree=wt.path, spec=spec)
+    run = BenchRun(wt, spec, maker, tmp / "runs")
+
+    def old_way() -> None:  # the check in the maker's running sandbox, on its worktree
+        result = maker.run(command, timeout=spec.sandbox.tool_timeout_s)
+        if result.exit_code != 0:
+            raise SystemExit(f"the example's check failed the old way: {result}")
+
+    old, new, baseline = [], [], []
+    phases: dict[str, list[float]] = {name: [] for name in PHASES}
+    try:
+        run.pins = run._oracle_pins()  # once per run, as the engine's steps oracle_pins and baseline
+        started = time.perf_counter()
+        run.baselines = run._baseline()
+        first_baseline_ms = (time.perf_counter() - started) * 1000
+        old_way()  # warm-up: first calls, page cache
+        run.verify(0)
+        for i in range(VERIFY_ROUNDS):
+            for way in (("old", "new") if i % 2 == 0 else ("new", "old")):  # alternate which goes first
+                if way == "old":
+                    old.append(timed(old_way))
+                else:
+                    total, times = run.verify(i + 1)
+                    new.append(total)
+                    for name in PHASES:
+                        phases[name].append(times[name])
+            started = time.perf_counter()
+            run.baselines = run._baseline()
+            baseline.append((time.perf_counter() - started) * 1000)
+    finally:
+        maker.close()
+    # What the added time would be without the check sandbox's start or close on the way: each sample of
+    # the new way minus that phase, e.g. a check sandbox started ahead while the maker works, or closed in
+    # the background. Computed from the samples above, not measured.
+    without = {"close_in_background": ("sandbox_close",), "start_ahead": ("sandbox_start",),
+               "start_ahead_and_close_in_background": ("sandbox_start", "sandbox_close")}
+    projected = {how: round(statistics.median(total - sum(phases[name][i] for name in names)
+                                              for i, total in enumerate(new)) - statistics.median(old), 1)
+                 for how, names in without.items()}
+    inventory = json.loads(Path(run.baselines["0"]).read_text())["tests"]
+    added = statistics.median(new) - statistics.median(old)
+    return {
+        "check": command,
+        "example": "examples/fix-failing-test with calc.py fixed; the base commit's inventory: "
+                   + ", ".join(f"{test} {status}" for test, status in sorted(inventory.items())),
+        "old_in_maker_sandbox": summary(old),
+        "new_clean_copy_fresh_sandbox": summary(new),
+        "added_p50_ms": round(added, 1),
+        "ratio_p50": round(statistics.median(new) / statistics.median(old), 2),
+        "goal_added_p50_ms": GOALS_MS["verification_added_p50"],
+        "goal_met": added <= GOALS_MS["verification_added_p50"],
+        "new_phases": {name: summary(values) for name, values in phases.items()},
+        "projected_added_p50_ms": projected,
+        "baseline_once_per_run": {**summary(baseline), "first_ms": round(first_baseline_ms, 1)},
+    }
+
+
 def main() -> None:
     image = build_image(log=lambda m: print(m, file=sys.stderr))
     load_before = os.getloadavg()
@@ -125,11 +280,13 @@ def main() -> None:
         tmp = Path(name)
         calls = call_latency(image, tmp)
         starts = start_to_first_call(image, tmp)
+        verification = verification_overhead(image, tmp)
     overhead = calls["agent"]["p50_ms"] - calls["host_floor"]["p50_ms"]
     figures = {"overhead_p50": overhead, "cold_start_to_first_call_p50": starts["cold"]["p50_ms"],
-               "warm_start_to_first_call_p50": starts["warm_pool"]["p50_ms"]}
+               "warm_start_to_first_call_p50": starts["warm_pool"]["p50_ms"],
+               "verification_added_p50": verification["added_p50_ms"]}
     result = {
-        "benchmark": "sandbox tool-call latency and start-to-first-call (no-op command `true`)",
+        "benchmark": "sandbox tool-call latency and start-to-first-call (no-op command `true`); verification overhead",
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
                     "docker": subprocess.run(["docker", "version", "-f", "{{.Server.Version}}"],
@@ -140,6 +297,7 @@ def main() -> None:
         "call_latency": calls,
         "agent_overhead_over_host_floor_p50_ms": round(overhead, 3),
         "start_to_first_call": starts,
+        "verification_overhead": verification,
         "goals_ms": GOALS_MS,
         "goals_met": {name: figures[name] <= goal for name, goal in GOALS_MS.items()},
     }
@@ -153,6 +311,18 @@ def main() -> None:
     print(f"agent overhead over the host floor (p50): {overhead:.2f} ms (goal <= {GOALS_MS['overhead_p50']:g})")
     for name, s in starts.items():
         print(f"start to first call, {name:<9} p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms")
+    v = verification
+    print(f"\nverification of `{v['check']}`:")
+    for name in ("old_in_maker_sandbox", "new_clean_copy_fresh_sandbox"):
+        print(f"  {name:<30} p50 {v[name]['p50_ms']:8.1f} ms  p95 {v[name]['p95_ms']:8.1f} ms")
+    print(f"  added at p50: {v['added_p50_ms']:.0f} ms (x{v['ratio_p50']:g}), goal <= {v['goal_added_p50_ms']:g} ms: "
+          f"{'met' if v['goal_met'] else 'NOT met'}")
+    for name, s in v["new_phases"].items():
+        print(f"    {name:<28} p50 {s['p50_ms']:8.1f} ms  p95 {s['p95_ms']:8.1f} ms")
+    for how, ms in v["projected_added_p50_ms"].items():
+        print(f"  projected added at p50 with {how.replace('_', ' ')}: {ms:.0f} ms")
+    b = v["baseline_once_per_run"]
+    print(f"  baseline (once per run): p50 {b['p50_ms']:.1f} ms, first {b['first_ms']:.1f} ms")
     print(f"goals met: {result['goals_met']} · written to {out.relative_to(ROOT)}")
 
 
