@@ -41,23 +41,26 @@ class DockerSandboxes:
         self._pool: SandboxPool | None = None
         self._lock = threading.Lock()
 
-    def reserve(self, *, run_id: str, worktree: Path, spec: LoopSpec) -> None:
-        """Before the run's worktree exists: put a warm sandbox's folder there, and keep the pool filled."""
+    def reserve(self, *, run_id: str, worktree: Path, spec: LoopSpec, verification: bool = False) -> None:
+        """Before the folder exists (a run's worktree, or a check's clean copy): put a warm sandbox's
+        empty folder there, and keep the pool filled. A check's slot has never run anything but `true`."""
         with self._lock:
             if self._pool is None:
                 self._pool = SandboxPool(pool_size())
-        self._pool.reserve(_pool_key(spec, Path(worktree).parent), run_id, worktree)
+        self._pool.reserve(_pool_key(spec, Path(worktree).parent, verification), run_id, worktree)
 
     def start(self, *, run_id: str, worktree: Path, spec: LoopSpec, verification: bool = False) -> DockerSandbox:
-        if self._pool is not None and not verification:
+        environment = CHECK_ENVIRONMENT if verification else {}
+        if self._pool is not None:
             pooled = self._pool.claim(run_id, worktree)
-            if pooled is not None:
+            if pooled is not None and pooled.environment == environment:
                 return pooled
+            if pooled is not None:  # reserved for the other use: a check gets only a check's slot
+                pooled.close()
         box = spec.sandbox
         return DockerSandbox.start(
             run_id=run_id, worktree=worktree, image=box.image or default_image(), network=box.network,
-            memory=box.memory, pids_limit=box.pids_limit, cpus=box.cpus,
-            environment=CHECK_ENVIRONMENT if verification else None,
+            memory=box.memory, pids_limit=box.pids_limit, cpus=box.cpus, environment=environment,
         )
 
     def reap_orphans(self) -> list[str]:
@@ -65,10 +68,11 @@ class DockerSandboxes:
         return reap_orphans()
 
 
-def _pool_key(spec: LoopSpec, worktrees: Path) -> PoolKey:
+def _pool_key(spec: LoopSpec, folders: Path, verification: bool = False) -> PoolKey:
     box = spec.sandbox
-    return PoolKey(worktrees=Path(worktrees).resolve(), image=box.image or default_image(), network=box.network,
-                   memory=box.memory, pids_limit=box.pids_limit, cpus=box.cpus)
+    return PoolKey(worktrees=Path(folders).resolve(), image=box.image or default_image(), network=box.network,
+                   memory=box.memory, pids_limit=box.pids_limit, cpus=box.cpus,
+                   environment=tuple(sorted(CHECK_ENVIRONMENT.items())) if verification else ())
 
 
 @hookimpl(trylast=True)

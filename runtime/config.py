@@ -37,6 +37,11 @@ class Settings:
         return self.home / "worktrees"
 
     @property
+    def checks(self) -> Path:
+        """Where each verification's clean copy is made, beside the check sandbox's warm pool."""
+        return self.home / "checks"
+
+    @property
     def runs_dir(self) -> Path:
         return self.home / "runs"
 

@@ -11,6 +11,7 @@ import hashlib
 import inspect
 import json
 import shutil
+import threading
 import time
 from contextlib import AsyncExitStack
 from dataclasses import asdict
@@ -189,12 +190,29 @@ class LoopRun:
         wt = self._worktree()
         return self._oracle(worktrees.tree_of(wt, wt.base_commit)).pins()
 
-    def _checks_dir(self, name: str) -> Path:
-        return self.rt.settings.runs_dir / self.id / "checks" / name
+    def _check_folder(self, name: str) -> Path:
+        """An empty folder for a clean copy; a warm pool puts its ready check sandbox's folder there."""
+        folder = self.rt.settings.checks / f"{self.id}-{name}"
+        shutil.rmtree(folder, ignore_errors=True)  # left by an attempt that crashed
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        reserve = getattr(self.rt.host.sandbox(self.spec.sandbox.kind), "reserve", None)
+        if reserve is not None:
+            reserve(run_id=f"{self.id}-check-{name}", worktree=folder, spec=self.spec, verification=True)
+        folder.mkdir(exist_ok=True)
+        return folder
 
     def _check_sandbox(self, name: str, folder: Path) -> Sandbox:
         provider = self.rt.host.sandbox(self.spec.sandbox.kind)
         return provider.start(run_id=f"{self.id}-check-{name}", worktree=folder, spec=self.spec, verification=True)
+
+    @staticmethod
+    def _discard_check(box: Sandbox | None, folder: Path) -> None:
+        """Remove a check's sandbox, then its copy, in the background: the verdict does not wait for it."""
+        def discard() -> None:
+            if box is not None:
+                box.close()
+            shutil.rmtree(folder, ignore_errors=True)
+        threading.Thread(target=discard, name=f"loopwright-discard-{folder.name}").start()
 
     def _context(self, iteration: int, index: int, sandbox: Sandbox, changed: list[str],
                  diff: Callable[[], str]) -> VerifyContext:
@@ -214,20 +232,21 @@ class LoopRun:
         self.baselines = {}
         wt = self._worktree()
         base = worktrees.tree_of(wt, wt.base_commit)
-        folder = verification.fresh_folder(self._checks_dir("base"))
-        verification.materialize(folder, base, worktrees.read_blobs(wt, (sha for _, sha in base.values())))
-        box = self._check_sandbox("base", folder)
+        folder = self._check_folder("base")
+        box = None
         paths = {}
         try:
+            verification.materialize(folder, base, worktrees.read_blobs(wt, (sha for _, sha in base.values())))
+            box = self._check_sandbox("base", folder)
             for index, verifier in wanted.items():
                 value = verifier.baseline(self._context(0, index, box, [], lambda: ""))
                 if value is not None:
                     path = self.rt.settings.runs_dir / self.id / f"baseline-{index}.json"
+                    path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(value))
                     paths[str(index)] = str(path)
         finally:
-            box.close()
-            shutil.rmtree(folder, ignore_errors=True)
+            self._discard_check(box, folder)
         return paths
 
     def _verify_copy(self, iteration: int) -> list[dict[str, Any]]:
@@ -236,7 +255,8 @@ class LoopRun:
         pointer_tampered = worktrees.pointer_tampered(wt)
         base = worktrees.tree_of(wt, wt.base_commit)
         oracle = self._oracle(base)
-        folder = verification.fresh_folder(self._checks_dir(str(iteration)))
+        folder = self._check_folder(str(iteration))
+        box = None
         try:
             skipped: list[str] = []
             tree = verification.copy_tree(wt.path, folder, skipped)
@@ -248,13 +268,10 @@ class LoopRun:
             drifted = sorted(p for p, sha in self.pins.items() if pinned.get(p, ("", ""))[1] != sha)
             results = [self._protect_result(pointer_tampered, tampered, drifted, skipped + self._left_outside())]
             box = self._check_sandbox(str(iteration), folder)
-            try:
-                for index, check in enumerate(self.spec.verify):
-                    ctx = self._context(iteration, index, box, changed,
-                                        lambda: verification.unified_diff(changed, base, blobs, folder))
-                    results.append(self._run_check(ctx, index, check))
-            finally:
-                box.close()
+            for index, check in enumerate(self.spec.verify):
+                ctx = self._context(iteration, index, box, changed,
+                                    lambda: verification.unified_diff(changed, base, blobs, folder))
+                results.append(self._run_check(ctx, index, check))
             during = oracle.tampered(verification.scan(folder, oracle.wants), lambda p: verification.read(folder, p),
                                      lambda p: blobs[base[p][1]])
             if during:
@@ -263,7 +280,7 @@ class LoopRun:
                 results.append(asdict(CheckResult("oracle unchanged by the checks", False, feedback, _digest(feedback))))
             return results
         finally:
-            shutil.rmtree(folder, ignore_errors=True)
+            self._discard_check(box, folder)
 
     def _left_outside(self) -> list[str]:
         """Files in the maker's sandbox, outside the tree, that would change how Python starts there."""

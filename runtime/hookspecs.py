@@ -104,8 +104,9 @@ def loopwright_register_sandboxes(register: Callable[[str, Any], None]) -> None:
     :param register: ``register(kind, provider)``; the provider has ``start(run_id=, worktree=, spec=,
         verification=False)`` returning a sandbox (with ``verification``, a fresh one for a check on a
         clean copy of the maker's tree, sharing nothing with the maker's), and ``reap_orphans()`` removing sandboxes whose owner process is gone. It may
-        also have ``reserve(run_id=, worktree=, spec=)``, called before the run's worktree exists (a warm
-        pool puts its ready sandbox's empty folder there; the worktree is then made in it).
+        also have ``reserve(run_id=, worktree=, spec=, verification=False)``, called before the run's
+        worktree (or a check's clean copy) exists: a warm pool puts its ready sandbox's empty folder
+        there, and the worktree or copy is then made in it.
     """
 
 

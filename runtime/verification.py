@@ -14,7 +14,6 @@ import difflib
 import fnmatch
 import hashlib
 import os
-import shutil
 import stat
 import sys
 import tomllib
@@ -228,13 +227,6 @@ def unified_diff(paths: list[str], base: Tree, blobs: dict[str, bytes], root: Pa
             break
         out.extend(chunk)
     return "".join(out)
-
-
-def fresh_folder(path: Path) -> Path:
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-    return path
 
 
 def read(root: Path, path: str) -> bytes:

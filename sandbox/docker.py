@@ -336,6 +336,11 @@ class DockerSandbox:
         return ExecResult(answer["exit"], answer["stdout"], answer["stderr"], duration_ms, answer["timed_out"])
 
     @property
+    def environment(self) -> dict[str, str]:
+        """The variables ``start`` added to the container's own."""
+        return dict(self._options["environment"])
+
+    @property
     def retired(self) -> bool:
         """True once the agent has exited (idle, too old, or gone); the next call starts a fresh container."""
         return self._channel is not None and self._channel.gone is not None

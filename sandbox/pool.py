@@ -7,7 +7,7 @@ goes (``<worktrees>/<run id>``): a rename keeps the folder itself, which the con
 ``git worktree add`` then fills that folder (it accepts an empty one) and ``claim`` hands the
 running sandbox over, the worktree already visible at /workspace.
 
-Slots are kept per configuration (image, limits, network, worktrees folder), ``size`` idle ones
+Slots are kept per configuration (image, limits, network, environment, folder), ``size`` idle ones
 each, refilled in the background whenever a run of that configuration begins. Slots are ordinary
 sandboxes: labelled, reaped when their owner dies, and removed at exit with their empty folders.
 """
@@ -38,6 +38,7 @@ class PoolKey:
     memory: str = "1g"
     pids_limit: int = 256
     cpus: float = 1.0
+    environment: tuple[tuple[str, str], ...] = ()  # variables added to the container's own (a check's)
 
 
 @dataclass
@@ -154,6 +155,7 @@ class SandboxPool:
             slot.sandbox = DockerSandbox.start(
                 run_id=slot.name, worktree=slot.folder, image=key.image, network=key.network,
                 memory=key.memory, pids_limit=key.pids_limit, cpus=key.cpus, pooled=True,
+                environment=dict(key.environment),
             )
             slot.sandbox.run("true", timeout=START_TIMEOUT_S)  # a first call warms the agent's supervisor up
         except Exception:

@@ -91,3 +91,51 @@ def test_a_warm_sandbox_whose_container_dies_serves_the_run_from_a_fresh_one(poo
         assert sb.run("cat README.md", timeout=20).stdout == "hello\n"  # the run's worktree, in a new container
     finally:
         sb.close()
+
+
+
+def check_spec(image: str):
+    from runtime.spec import parse_spec
+    return parse_spec({"name": "demo", "goal": "g", "sandbox": {"image": image},
+                       "verify": [{"kind": "command", "run": "true"}]})
+
+
+def warm_slot(provider, spec, folders, verification: bool) -> None:
+    """Fill the provider's pool for this kind of sandbox, then wait until a slot is ready."""
+    from plugins.docker_sandbox import _pool_key
+    folders.mkdir(parents=True)
+    provider.reserve(run_id="fill", worktree=folders / "fill", spec=spec, verification=verification)
+    wait_until(lambda: provider._pool.ready(_pool_key(spec, folders, verification)) == 1, "a slot is ready")
+
+
+def test_a_check_gets_a_warm_sandbox_of_its_own_kind_that_ran_nothing(sandbox_image, tmp_path, monkeypatch):
+    from plugins.docker_sandbox import DockerSandboxes
+    monkeypatch.setenv("LOOPWRIGHT_SANDBOX_POOL_SIZE", "1")
+    provider, spec = DockerSandboxes(), check_spec(sandbox_image)
+    try:
+        warm_slot(provider, spec, tmp_path / "checks", verification=True)
+        folder = tmp_path / "checks" / "r-1"
+        provider.reserve(run_id="r-check-1", worktree=folder, spec=spec, verification=True)
+        assert folder.is_dir() and list(folder.iterdir()) == []  # the warm slot's folder, to be filled
+        (folder / "copied.py").write_text("print('copied')\n")  # the clean copy, made by root after the start
+        box = provider.start(run_id="r-check-1", worktree=folder, spec=spec, verification=True)
+        try:
+            seen = box.run("python3 copied.py; stat -c %u copied.py; ls -A /tmp; "
+                           "echo $PYTHONNOUSERSITE$PYTHONDONTWRITEBYTECODE", timeout=20).stdout
+            assert seen == "copied\n1000\n11\n"  # the copy, owned by the sandbox user, an empty /tmp, the check's Python
+        finally:
+            box.close()
+
+        # a maker's warm sandbox never serves a check, even under the same run id
+        warm_slot(provider, spec, tmp_path / "worktrees", verification=False)
+        worktree = tmp_path / "worktrees" / "m"
+        provider.reserve(run_id="m", worktree=worktree, spec=spec)
+        assert worktree.is_dir()  # the maker's slot was reserved here
+        box = provider.start(run_id="m", worktree=worktree, spec=spec, verification=True)
+        try:
+            assert box.environment == {"PYTHONNOUSERSITE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+            assert box.run("echo $PYTHONDONTWRITEBYTECODE", timeout=20).stdout == "1\n"
+        finally:
+            box.close()
+    finally:
+        provider._pool.close()
