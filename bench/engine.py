@@ -32,12 +32,12 @@ sys.path.insert(0, str(ROOT))
 
 from dbos import DBOS  # noqa: E402
 
-from runtime.config import load_settings  # noqa: E402
-from runtime.hookspecs import hookimpl  # noqa: E402
-from runtime.plugins import make_plugin_host  # noqa: E402
-from runtime.service import Runtime  # noqa: E402
-from runtime.spec import parse_spec  # noqa: E402
-from runtime.types import ExecResult, Tool  # noqa: E402
+from loopwright.runtime.config import load_settings  # noqa: E402
+from loopwright.runtime.hookspecs import hookimpl  # noqa: E402
+from loopwright.runtime.plugins import make_plugin_host  # noqa: E402
+from loopwright.runtime.service import Runtime  # noqa: E402
+from loopwright.runtime.spec import parse_spec  # noqa: E402
+from loopwright.runtime.types import ExecResult, Tool  # noqa: E402
 
 GOAL_MS = 10.0
 ROUNDS = (0, 50, 200)  # model + tool calls per run: 2N steps in the turn

@@ -35,14 +35,14 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from plugins.command_verifier import CommandVerifier  # noqa: E402
-from plugins.docker_sandbox import DockerSandboxes, _pool_key  # noqa: E402
-from runtime.engine import LoopRun  # noqa: E402
-from runtime.spec import load_spec  # noqa: E402
-from runtime.types import RunInfo  # noqa: E402
-from sandbox import DockerSandbox, PoolKey, SandboxPool, build_image  # noqa: E402
-from sandbox import worktree as worktrees  # noqa: E402
-from sandbox.docker import WORKDIR, _sandbox_user  # noqa: E402
+from loopwright.plugins.command_verifier import CommandVerifier  # noqa: E402
+from loopwright.plugins.docker_sandbox import DockerSandboxes, _pool_key  # noqa: E402
+from loopwright.runtime.engine import LoopRun  # noqa: E402
+from loopwright.runtime.spec import load_spec  # noqa: E402
+from loopwright.runtime.types import RunInfo  # noqa: E402
+from loopwright.sandbox import DockerSandbox, PoolKey, SandboxPool, build_image  # noqa: E402
+from loopwright.runtime import worktree as worktrees  # noqa: E402
+from loopwright.sandbox.docker import WORKDIR, _sandbox_user  # noqa: E402
 
 ROUNDS = 10
 PER_ROUND = {"host_floor": 40, "agent": 40, "docker_exec": 4, "exec_fallback": 4, "new_container": 1}

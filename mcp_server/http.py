@@ -8,9 +8,9 @@ from pathlib import Path
 from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
-from runtime.automations import install_automations
-from runtime.daemon import Daemon
-from runtime.service import Runtime
+from loopwright.runtime.automations import install_automations
+from loopwright.runtime.daemon import Daemon
+from loopwright.runtime.service import Runtime
 
 from .server import build_server
 

@@ -35,8 +35,8 @@ from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ResourceUpdated
 from mcp.shared.exceptions import MCPError
 
-from runtime.service import Runtime
-from runtime.store import UnknownRun
+from loopwright.runtime.service import Runtime
+from loopwright.runtime.store import UnknownRun
 
 log = logging.getLogger(__name__)
 

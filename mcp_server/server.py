@@ -13,11 +13,11 @@ import anyio
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-from runtime.config import ConfigError
-from runtime.plugins import PluginError
-from runtime.service import RunError, Runtime
-from runtime.spec import SpecError, load_spec, parse_spec, parse_spec_text
-from runtime.store import UnknownRun
+from loopwright.runtime.config import ConfigError
+from loopwright.runtime.plugins import PluginError
+from loopwright.runtime.service import RunError, Runtime
+from loopwright.runtime.spec import SpecError, load_spec, parse_spec, parse_spec_text
+from loopwright.runtime.store import UnknownRun
 
 from .resources import RunResources
 

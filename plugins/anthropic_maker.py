@@ -7,11 +7,11 @@ from typing import Any
 
 import anthropic
 
-from runtime.config import ConfigError, Settings
-from runtime.context import elide_old_tool_results, mark_last_message_for_cache
-from runtime.hookspecs import hookimpl
-from runtime.spec import AgentSpec
-from runtime.types import ToolResult
+from loopwright.runtime.config import ConfigError, Settings
+from loopwright.runtime.context import elide_old_tool_results, mark_last_message_for_cache
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.spec import AgentSpec
+from loopwright.runtime.types import ToolResult
 
 MAX_RETRIES = 4  # the SDK backs off exponentially on 429, 5xx and 529 (overloaded)
 

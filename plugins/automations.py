@@ -23,11 +23,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import anyio
 from croniter import croniter
 
-from runtime.automations import Automations, Context, WebhookRequest, WebhookResponse
-from runtime.hookspecs import hookimpl
-from runtime.service import Runtime
-from runtime.spec import TriggerSpec, parse_duration
-from runtime.types import OUTCOMES, Outcome, RunInfo
+from loopwright.runtime.automations import Automations, Context, WebhookRequest, WebhookResponse
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.service import Runtime
+from loopwright.runtime.spec import TriggerSpec, parse_duration
+from loopwright.runtime.types import OUTCOMES, Outcome, RunInfo
 
 log = logging.getLogger(__name__)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

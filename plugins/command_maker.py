@@ -16,9 +16,9 @@ from pathlib import Path, PurePosixPath
 
 import anyio
 
-from runtime.config import ConfigError, Settings
-from runtime.hookspecs import hookimpl
-from runtime.spec import AgentSpec
+from loopwright.runtime.config import ConfigError, Settings
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.spec import AgentSpec
 
 RUN_TOOL = "run_command"
 HOW_TO_WORK = """# How you are run

@@ -13,10 +13,10 @@ import re
 import xml.etree.ElementTree as ElementTree
 from typing import Any
 
-from runtime.context import truncate
-from runtime.hookspecs import hookimpl
-from runtime.spec import VerifySpec
-from runtime.types import CheckResult, ExecResult, VerifyContext
+from loopwright.runtime.context import truncate
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.spec import VerifySpec
+from loopwright.runtime.types import CheckResult, ExecResult, VerifyContext
 
 FEEDBACK_LIMIT = 8000
 REPORT = "/tmp/loopwright-report.xml"

@@ -11,11 +11,11 @@ import os
 import threading
 from pathlib import Path
 
-from runtime.config import ConfigError
-from runtime.hookspecs import hookimpl
-from runtime.plugins import plugin_settings
-from runtime.spec import LoopSpec
-from sandbox import DockerSandbox, PoolKey, SandboxPool, default_image, reap_orphans
+from loopwright.runtime.config import ConfigError
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.plugins import plugin_settings
+from loopwright.runtime.spec import LoopSpec
+from loopwright.sandbox import DockerSandbox, PoolKey, SandboxPool, default_image, reap_orphans
 
 DEFAULT_POOL_SIZE = 1
 # A check's Python reads no user site and writes no bytecode that a later check could run.

@@ -13,8 +13,8 @@ from urllib.parse import urlsplit
 
 import httpx2
 
-from runtime.hookspecs import hookimpl
-from runtime.types import RunInfo, Tool, ToolContext, ToolResult
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.types import RunInfo, Tool, ToolContext, ToolResult
 
 BODY_LIMIT = 100_000  # bytes of a response body the maker sees
 MAX_REDIRECTS = 5

@@ -21,10 +21,10 @@ from mcp import Client, MCPError, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.client.streamable_http import streamable_http_client
 
-from plugins.http_tool import refusal
-from runtime.hookspecs import hookimpl
-from runtime.spec import McpServerSpec
-from runtime.types import RunInfo, Sandbox, Tool, ToolContext, ToolResult
+from loopwright.plugins.http_tool import refusal
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.spec import McpServerSpec
+from loopwright.runtime.types import RunInfo, Sandbox, Tool, ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from runtime.context import first_line, newest_within
-from runtime.hookspecs import hookimpl
-from runtime.store import UnknownRun, memory_kv, memory_notes
-from runtime.types import Tool, ToolContext, ToolResult, Verdict
+from loopwright.runtime.context import first_line, newest_within
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.store import UnknownRun, memory_kv, memory_notes
+from loopwright.runtime.types import Tool, ToolContext, ToolResult, Verdict
 
 NOTE_LIMIT = 400  # characters of one note line
 KEEP_NOTES = 2000  # per loop: more than the largest budget can show

@@ -16,11 +16,11 @@ from typing import Any
 
 import anthropic
 
-from runtime.config import ConfigError
-from runtime.context import truncate
-from runtime.hookspecs import hookimpl
-from runtime.spec import VerifySpec
-from runtime.types import CheckResult, VerifyContext
+from loopwright.runtime.config import ConfigError
+from loopwright.runtime.context import truncate
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.spec import VerifySpec
+from loopwright.runtime.types import CheckResult, VerifyContext
 
 DEFAULT_MODEL = "claude-haiku-5-5"
 MAX_RETRIES = 4

@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from runtime.hookspecs import hookimpl
-from runtime.types import Tool, ToolContext, ToolResult
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.types import Tool, ToolContext, ToolResult
 
 FILE_PROGRAM = r"""
 import json, os, sys

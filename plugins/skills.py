@@ -23,8 +23,8 @@ from typing import Any
 
 import yaml
 
-from runtime.hookspecs import hookimpl
-from runtime.types import Tool, ToolContext, ToolResult
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.types import Tool, ToolContext, ToolResult
 
 log = logging.getLogger(__name__)
 

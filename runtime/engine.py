@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import anyio
 from dbos import DBOS
 
-from sandbox import worktree as worktrees
-
 from . import context, verification
+from . import worktree as worktrees
 from .spec import LoopSpec
 from .types import (
     CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,

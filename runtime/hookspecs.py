@@ -1,6 +1,6 @@
 """The plugin contract: every hook Loopwright calls, when it fires, and what its answer means.
 
-Plugins implement these with ``@hookimpl`` (``from runtime.hookspecs import hookimpl``) and may accept
+Plugins implement these with ``@hookimpl`` (``from loopwright.runtime.hookspecs import hookimpl``) and may accept
 any subset of a hook's arguments. Registration hooks receive a ``register`` callback; the host
 records which plugin contributed what and resolves name clashes (the first registration in
 pluggy's call order wins, and built-ins register ``trylast`` so a third party can override them).

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import logging
 import os
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
-from importlib.metadata import PackageNotFoundError, entry_points, version
+from importlib.metadata import entry_points
 from typing import Any
 
 import pluggy
@@ -20,19 +19,7 @@ from .types import Decision, Outcome, RunInfo, Tool, ToolCall, ToolResult, Verdi
 
 log = logging.getLogger(__name__)
 
-BUILTIN_PLUGINS = (
-    "plugins.sandbox_tools",
-    "plugins.anthropic_maker",
-    "plugins.command_verifier",
-    "plugins.docker_sandbox",
-    "plugins.mcp_connector",
-    "plugins.http_tool",
-    "plugins.command_maker",
-    "plugins.rubric_reviewer",
-    "plugins.skills",
-    "plugins.memory",
-    "plugins.automations",
-)
+BUILTIN = "loopwright"  # the distribution whose entry points are the built-in plugins
 REGISTRIES = {
     "loopwright_register_automations": "automations",
     "loopwright_register_skill_sources": "skill_sources",
@@ -252,16 +239,23 @@ START_WITHOUT = (
 
 
 def _wanted_entry_points(host: PluginHost):
-    """LOOPWRIGHT_LOAD_PLUGINS: unset loads every installed plugin; '' loads none; 'a,b' only those."""
+    """The built-in plugins first, in pyproject.toml's order, then the installed ones.
+    LOOPWRIGHT_LOAD_PLUGINS selects among the installed: unset loads all; '' loads none; 'a,b' only those."""
     selected = os.environ.get("LOOPWRIGHT_LOAD_PLUGINS")
     names = None if selected is None else {n.strip() for n in selected.split(",") if n.strip()}
-    for ep in entry_points(group=hookspecs.PROJECT):
-        if names is not None and ep.name not in names:
+    found = entry_points(group=hookspecs.PROJECT)
+    builtin = [ep for ep in found if _is_builtin(ep)]
+    for ep in builtin + [ep for ep in found if not _is_builtin(ep)]:
+        if names is not None and ep.name not in names and not _is_builtin(ep):
             host.skipped[ep.name] = "not named in LOOPWRIGHT_LOAD_PLUGINS"
         elif ep.name in host.settings.disabled_plugins:
             host.skipped[ep.name] = "disabled in plugins.toml"
         else:
             yield ep
+
+
+def _is_builtin(ep) -> bool:
+    return ep.dist is not None and ep.dist.name == BUILTIN
 
 
 def _register(pm: pluggy.PluginManager, plugin: Any, name: str | None) -> None:
@@ -279,14 +273,6 @@ def make_plugin_host(settings: Settings, extra_plugins: tuple[Any, ...] = ()) ->
     pm = pluggy.PluginManager(hookspecs.PROJECT)
     pm.add_hookspecs(hookspecs)
     host = PluginHost(pm, settings)
-    builtin_version = _version("loopwright")
-    for module_name in BUILTIN_PLUGINS:
-        name = module_name.rsplit(".", 1)[1]
-        if name in settings.disabled_plugins:
-            host.skipped[name] = "disabled in plugins.toml"
-            continue
-        _register(pm, importlib.import_module(module_name), name)
-        host.sources[name] = ("built-in", builtin_version, module_name)
     for ep in _wanted_entry_points(host):
         try:
             plugin = ep.load()
@@ -297,7 +283,8 @@ def make_plugin_host(settings: Settings, extra_plugins: tuple[Any, ...] = ()) ->
             ) from error
         _register(pm, plugin, ep.name)
         dist = ep.dist
-        host.sources[ep.name] = (dist.name if dist else "package", dist.version if dist else "", ep.value)
+        source = "built-in" if _is_builtin(ep) else dist.name if dist else "package"
+        host.sources[ep.name] = (source, dist.version if dist else "", ep.value)
     for plugin in extra_plugins:
         _register(pm, plugin, None)
     for name in settings.disabled_plugins:
@@ -309,10 +296,3 @@ def make_plugin_host(settings: Settings, extra_plugins: tuple[Any, ...] = ()) ->
         raise PluginError(f'plugin "{name}": {error}. ' + START_WITHOUT.format(name=name)) from None
     host.collect()
     return host
-
-
-def _version(distribution: str) -> str:
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return ""

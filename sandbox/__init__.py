@@ -1,24 +1,12 @@
-"""Sandbox: a locked-down Docker container per run, working on the run's own git worktree."""
+"""Sandbox: a locked-down Docker container per run, working on the run's own git worktree
+(the worktree itself is the engine's: loopwright.runtime.worktree)."""
 
 from .docker import DockerSandbox, ExecResult, SandboxError, close_all, list_sandboxes, reap_orphans
 from .image import IMAGE_REPO, PACKAGES, ImageBuildError, build_image, default_image, image_exists
 from .pool import PoolKey, SandboxPool
-from .worktree import (
-    Worktree,
-    WorktreeError,
-    commit_all,
-    create_worktree,
-    pointer_tampered,
-    prune_worktrees,
-    read_blobs,
-    remove_worktree,
-    tree_of,
-)
 
 __all__ = [
     "DockerSandbox", "ExecResult", "SandboxError", "close_all", "list_sandboxes", "reap_orphans",
     "IMAGE_REPO", "PACKAGES", "ImageBuildError", "build_image", "default_image", "image_exists",
     "PoolKey", "SandboxPool",
-    "Worktree", "WorktreeError", "commit_all", "create_worktree", "pointer_tampered", "prune_worktrees",
-    "read_blobs", "remove_worktree", "tree_of",
 ]

@@ -19,7 +19,7 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def sandbox_image() -> str:
     """The locally built sandbox image (about a minute the first time, then cached by tag)."""
-    from sandbox import build_image
+    from loopwright.sandbox import build_image
 
     return build_image()
 
@@ -44,7 +44,7 @@ def git_repo(tmp_path) -> Path:
 # --- running loops ---------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fix-failing-test"
-LOOPWRIGHT = [sys.executable, "-m", "runtime.cli"]
+LOOPWRIGHT = [sys.executable, "-m", "loopwright.cli"]
 # The maker's edit that fixes the example's bug.
 FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
 

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sandbox import DockerSandbox, create_worktree, list_sandboxes
-from sandbox.image import image_exists
+from loopwright.sandbox import DockerSandbox, list_sandboxes
+from loopwright.runtime.worktree import create_worktree
+from loopwright.sandbox.image import image_exists
 
 SHELL_ONLY_TOOLS = ["sh", "sleep", "cat", "id", "ls", "echo"]
 
@@ -86,7 +87,7 @@ def owner_process(sandbox_image: str, worktree: Path, home: Path | None = None):
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(ROOT)!r})
-        from sandbox import DockerSandbox
+        from loopwright.sandbox import DockerSandbox
         sb = DockerSandbox.start(run_id="orphan", worktree={str(worktree)!r}, image={sandbox_image!r})
         print(sb.name, sb.container_id, flush=True)
         time.sleep(300)

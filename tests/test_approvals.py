@@ -9,7 +9,7 @@ from mcp import Client
 
 from conftest import FIX, LOOPWRIGHT, wait_for, write_spec
 from model_server import text, tool_use
-from runtime.store import Store
+from loopwright.runtime.store import Store
 from test_mcp_stdio import call, error_of, server_params, until_finished
 
 GATE = {"approval": [{"tool": "run_command", "when": {"command": "echo deploy*"}, "timeout": "10m"}]}

@@ -21,10 +21,10 @@ from dbos import DBOS
 from conftest import loopwright, write_spec
 from daemon_process import DaemonProcess
 from model_server import error, text
-from runtime.automations import CLOCK_FILE_ENV, Automations, load_automations
-from runtime.service import Runtime
-from runtime.spec import load_spec
-from runtime.store import automations as automations_table
+from loopwright.runtime.automations import CLOCK_FILE_ENV, Automations, load_automations
+from loopwright.runtime.service import Runtime
+from loopwright.runtime.spec import load_spec
+from loopwright.runtime.store import automations as automations_table
 
 SECRET = "a-webhook-secret-for-tests"
 

@@ -20,9 +20,9 @@ from mcp.server.mcpserver import MCPServer
 
 from conftest import loopwright, run_id_of, trace, write_spec
 from model_server import text, tool_use
-from plugins import http_tool
-from runtime.spec import parse_spec
-from runtime.types import RunInfo, ToolContext, ToolResult
+from loopwright.plugins import http_tool
+from loopwright.runtime.spec import parse_spec
+from loopwright.runtime.types import RunInfo, ToolContext, ToolResult
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})

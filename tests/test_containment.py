@@ -10,9 +10,9 @@ import threading
 
 import pytest
 
-from plugins import sandbox_tools
-from runtime.types import ToolContext
-from sandbox import commit_all
+from loopwright.plugins import sandbox_tools
+from loopwright.runtime.types import ToolContext
+from loopwright.runtime.worktree import commit_all
 from sandbox_fixtures import git, make_sandbox  # noqa: F401 (fixture)
 
 

@@ -11,8 +11,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from runtime.daemon import Daemon, DaemonError
-from runtime.service import Runtime
+from loopwright.runtime.daemon import Daemon, DaemonError
+from loopwright.runtime.service import Runtime
 
 
 def hello(request: Request) -> PlainTextResponse:

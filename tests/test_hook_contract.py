@@ -15,12 +15,12 @@ import pytest
 
 from conftest import LOOPWRIGHT, loopwright, run_id_of, trace, wait_for, write_spec
 from model_server import text, tool_use
-from runtime.store import Store
+from loopwright.runtime.store import Store
 
 ABSTAINS = '''
 from pathlib import Path
-from runtime.hookspecs import hookimpl
-from runtime.plugins import plugin_settings
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.plugins import plugin_settings
 
 @hookimpl(tryfirst=True)  # asked before the plugin that denies
 async def loopwright_before_tool_call(run, call):
@@ -29,8 +29,8 @@ async def loopwright_before_tool_call(run, call):
 '''
 
 DENIES = '''
-from runtime.hookspecs import hookimpl
-from runtime.types import Decision
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.types import Decision
 
 @hookimpl
 def loopwright_before_tool_call(call):
@@ -40,7 +40,7 @@ def loopwright_before_tool_call(call):
 
 STUBBORN = '''
 import anyio
-from runtime.hookspecs import hookimpl
+from loopwright.runtime.hookspecs import hookimpl
 
 REPLY = {"content": [{"type": "text", "text": "still working"}], "stop_reason": "end_turn",
          "usage": {"input_tokens": 10, "output_tokens": 2}}

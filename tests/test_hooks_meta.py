@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime import hookspecs
-from runtime.config import Settings
-from runtime.plugins import make_plugin_host
+from loopwright.runtime import hookspecs
+from loopwright.runtime.config import Settings
+from loopwright.runtime.plugins import make_plugin_host
 
 TESTS = Path(__file__).resolve().parent
 DOCS = TESTS.parent / "docs" / "plugins.md"

@@ -10,7 +10,7 @@ from mcp import Client
 from conftest import write_spec
 from daemon_process import DaemonProcess
 from model_server import text, tool_use
-from runtime.store import Store
+from loopwright.runtime.store import Store
 from test_mcp_stdio import call, error_of, server_params, until_finished
 
 FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
@@ -170,7 +170,7 @@ async def test_a_run_started_over_stdio_is_run_by_the_daemon_and_outlives_the_se
 
 @pytest.mark.anyio
 async def test_a_stopped_daemon_leaves_its_run_in_flight_to_the_next_one(home, project, model, serve):
-    from sandbox import list_sandboxes
+    from loopwright.sandbox import list_sandboxes
 
     model(lambda request: tool_use("run_command", {"command": "sleep 0.2"}))
     spec = write_spec(project, agent={"max_tool_calls": 1000}).read_text()

@@ -14,7 +14,7 @@ from model_server import text, tool_use
 
 def server_params(loops_dir) -> StdioServerParameters:
     return StdioServerParameters(
-        command=sys.executable, args=["-m", "runtime.cli", "mcp", "--loops", str(loops_dir)],
+        command=sys.executable, args=["-m", "loopwright.cli", "mcp", "--loops", str(loops_dir)],
         env=dict(os.environ), cwd=str(ROOT),
     )
 

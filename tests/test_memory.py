@@ -7,14 +7,14 @@ import pytest
 
 from conftest import loopwright, run_id_of, write_spec
 from model_server import text, tool_use
-from plugins.memory import KvStore, add_note
-from runtime.config import load_settings
-from runtime.context import newest_within, opening_message
-from runtime.hookspecs import hookimpl
-from runtime.plugins import make_plugin_host
-from runtime.spec import parse_spec
-from runtime.store import Store, memory_notes
-from runtime.types import CheckResult, RunInfo, Verdict
+from loopwright.plugins.memory import KvStore, add_note
+from loopwright.runtime.config import load_settings
+from loopwright.runtime.context import newest_within, opening_message
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.plugins import make_plugin_host
+from loopwright.runtime.spec import parse_spec
+from loopwright.runtime.store import Store, memory_notes
+from loopwright.runtime.types import CheckResult, RunInfo, Verdict
 
 LOOP = "fix-failing-test"  # the example project's loop
 NOTES = "# Notes from earlier runs of this loop"

@@ -229,7 +229,7 @@ def test_a_plugin_that_fails_while_registering_is_named_in_the_error(install, ho
 
 def test_built_ins_are_listed_as_plugins_with_loopwrights_version(home):
     sandbox_tools = plugin("sandbox_tools")
-    assert (sandbox_tools["source"], sandbox_tools["module"]) == ("built-in", "plugins.sandbox_tools")
+    assert (sandbox_tools["source"], sandbox_tools["module"]) == ("built-in", "loopwright.plugins.sandbox_tools")
     assert sandbox_tools["version"] == loopwright("--version").stdout.split()[-1]
     assert "run_command" in sandbox_tools["contributes"]["tools"]
 

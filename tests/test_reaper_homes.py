@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import loopwright, write_spec
 from model_server import text
-from sandbox import list_sandboxes, reap_orphans
+from loopwright.sandbox import list_sandboxes, reap_orphans
 from sandbox_fixtures import owner_process
 
 

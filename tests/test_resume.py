@@ -8,7 +8,7 @@ import docker
 
 from conftest import FIX, LOOPWRIGHT, loopwright, wait_for, write_spec
 from model_server import text, tool_use
-from runtime.store import Store
+from loopwright.runtime.store import Store
 
 
 

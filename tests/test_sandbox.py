@@ -14,10 +14,11 @@ from pathlib import Path
 import docker
 import pytest
 
-from runtime.verification import changed, scan, unified_diff
-from sandbox import SandboxError, commit_all, create_worktree, list_sandboxes, read_blobs, reap_orphans, tree_of
-from runtime.service import process_start_time
-from sandbox import docker as sandbox_docker
+from loopwright.runtime.verification import changed, scan, unified_diff
+from loopwright.sandbox import SandboxError, list_sandboxes, reap_orphans
+from loopwright.runtime.worktree import commit_all, create_worktree, read_blobs, tree_of
+from loopwright.runtime.service import process_start_time
+from loopwright.sandbox import docker as sandbox_docker
 from sandbox_fixtures import container_ids, containers_of, git, make_sandbox, owner_process, shell_only_image  # noqa: F401
 
 

@@ -11,8 +11,9 @@ from mcp import Client
 
 from conftest import LOOPWRIGHT, loopwright, write_spec
 from model_server import text, tool_use
-from runtime.store import Store
-from sandbox import create_worktree, list_sandboxes
+from loopwright.runtime.store import Store
+from loopwright.sandbox import list_sandboxes
+from loopwright.runtime.worktree import create_worktree
 from test_mcp_stdio import call, server_params, until_finished
 
 

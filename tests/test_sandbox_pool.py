@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from sandbox import PoolKey, SandboxPool, create_worktree, list_sandboxes
+from loopwright.sandbox import PoolKey, SandboxPool, list_sandboxes
+from loopwright.runtime.worktree import create_worktree
 
 
 def wait_until(condition, what: str, timeout: float = 60):
@@ -95,21 +96,21 @@ def test_a_warm_sandbox_whose_container_dies_serves_the_run_from_a_fresh_one(poo
 
 
 def check_spec(image: str):
-    from runtime.spec import parse_spec
+    from loopwright.runtime.spec import parse_spec
     return parse_spec({"name": "demo", "goal": "g", "sandbox": {"image": image},
                        "verify": [{"kind": "command", "run": "true"}]})
 
 
 def warm_slot(provider, spec, folders, verification: bool) -> None:
     """Fill the provider's pool for this kind of sandbox, then wait until a slot is ready."""
-    from plugins.docker_sandbox import _pool_key
+    from loopwright.plugins.docker_sandbox import _pool_key
     folders.mkdir(parents=True)
     provider.reserve(run_id="fill", worktree=folders / "fill", spec=spec, verification=verification)
     wait_until(lambda: provider._pool.ready(_pool_key(spec, folders, verification)) == 1, "a slot is ready")
 
 
 def test_a_check_gets_a_warm_sandbox_of_its_own_kind_that_ran_nothing(sandbox_image, tmp_path, monkeypatch):
-    from plugins.docker_sandbox import DockerSandboxes
+    from loopwright.plugins.docker_sandbox import DockerSandboxes
     monkeypatch.setenv("LOOPWRIGHT_SANDBOX_POOL_SIZE", "1")
     provider, spec = DockerSandboxes(), check_spec(sandbox_image)
     try:

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from runtime.verification import changed, scan
-from sandbox import WorktreeError, create_worktree, prune_worktrees, tree_of
+from loopwright.runtime.verification import changed, scan
+from loopwright.runtime.worktree import WorktreeError, create_worktree, prune_worktrees, tree_of
 from sandbox_fixtures import git
 
 

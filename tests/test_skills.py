@@ -10,7 +10,7 @@ import yaml
 
 from conftest import loopwright, run_id_of, trace, write_spec
 from model_server import text, tool_use
-from plugins.skills import SkillError, parse_skill_md, read_inside
+from loopwright.plugins.skills import SkillError, parse_skill_md, read_inside
 
 CORPUS = Path("/work/shared/skills-corpus")
 BODY = "BODY-7f3a: run the suite with python3 -m pytest -q -p no:cacheprovider."

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from conftest import EXAMPLE, loopwright
-from runtime.spec import SpecError, load_spec, parse_spec_text
+from loopwright.runtime.spec import SpecError, load_spec, parse_spec_text
 
 # The example from DESIGN.md ("A loop spec"), verbatim.
 DESIGN_EXAMPLE = '''

@@ -14,9 +14,9 @@ import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
-from runtime.hookspecs import hookimpl
-from runtime.plugins import plugin_settings
-from runtime.types import Outcome, RunInfo, Tool, ToolContext
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.plugins import plugin_settings
+from loopwright.runtime.types import Outcome, RunInfo, Tool, ToolContext
 
 NAME = "example"  # the entry point's name in pyproject.toml
 

@@ -14,9 +14,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from runtime.hookspecs import hookimpl
-from runtime.plugins import plugin_settings
-from runtime.types import CheckResult, Decision, ExecResult, Tool
+from loopwright.runtime.hookspecs import hookimpl
+from loopwright.runtime.plugins import plugin_settings
+from loopwright.runtime.types import CheckResult, Decision, ExecResult, Tool
 
 NO_INPUT = {"type": "object", "properties": {}}
 

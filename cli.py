@@ -12,11 +12,11 @@ from typing import Any
 
 import click
 
-from .config import ConfigError
-from .plugins import PluginError
-from .service import RunError, Runtime
-from .spec import SpecError, load_spec
-from .store import UnknownRun
+from .runtime.config import ConfigError
+from .runtime.plugins import PluginError
+from .runtime.service import RunError, Runtime
+from .runtime.spec import SpecError, load_spec
+from .runtime.store import UnknownRun
 
 BAD_INPUT = 2
 INPUT_ERRORS = (SpecError, ConfigError, PluginError, RunError, UnknownRun)
@@ -76,7 +76,7 @@ def _plugin_problems(runtime: Runtime, spec) -> list[str]:
         runtime.settings.price(spec.agent.model)
     except ConfigError as error:
         problems.append(f"agent.model: {error}")
-    from .automations import trigger_problems
+    from .runtime.automations import trigger_problems
 
     return problems + trigger_problems(runtime.host, spec)
 
@@ -251,7 +251,7 @@ def stop(run_id: str) -> None:
 @click.option("--loops", "loops_dir", type=click.Path(path_type=Path), help="folder of loop specs (default: ./loops)")
 def mcp(loops_dir: Path | None) -> None:
     """Serve the MCP tools over stdio (for `claude mcp add loopwright -- loopwright mcp`)."""
-    from mcp_server.server import serve_stdio
+    from .mcp_server.server import serve_stdio
 
     serve_stdio(loops_dir.resolve() if loops_dir else None)
 
@@ -265,9 +265,9 @@ def mcp(loops_dir: Path | None) -> None:
               help="another Host header to accept, e.g. the name clients reach this machine by")
 def serve(host: str, port: int, loops_dir: Path | None, allow_remote: bool, allowed_hosts: tuple[str, ...]) -> None:
     """The daemon: execute queued runs and serve MCP over HTTP at /mcp (bearer token required)."""
-    from mcp_server.http import serve_http
+    from .mcp_server.http import serve_http
 
-    from .daemon import DaemonError
+    from .runtime.daemon import DaemonError
 
     try:
         serve_http(host, port, loops_dir.resolve() if loops_dir else None, allow_remote, allowed_hosts)
@@ -278,8 +278,8 @@ def serve(host: str, port: int, loops_dir: Path | None, allow_remote: bool, allo
 @main.command()
 def token() -> None:
     """Print the daemon's bearer token (made at first use, stored with mode 0600)."""
-    from .config import load_settings
-    from .daemon import DaemonError, load_or_create_token
+    from .runtime.config import load_settings
+    from .runtime.daemon import DaemonError, load_or_create_token
 
     try:
         click.echo(load_or_create_token(load_settings().home))
@@ -318,7 +318,7 @@ def automations(ctx: click.Context, as_json: bool) -> None:
     """Triggers that start runs (registered by `loopwright serve --loops DIR`): state, today's runs, last firing."""
     if ctx.invoked_subcommand:
         return
-    from .automations import describe_automations
+    from .runtime.automations import describe_automations
 
     found = describe_automations(Runtime().store)
     if as_json:
@@ -342,7 +342,7 @@ def automations(ctx: click.Context, as_json: bool) -> None:
 @click.option("--reason", default="paused by hand", show_default=True)
 def automations_pause(automation_id: str, reason: str) -> None:
     """Stop an automation (<loop>/<trigger name>) from starting runs until it is resumed."""
-    from .automations import set_paused
+    from .runtime.automations import set_paused
 
     set_paused(Runtime().store, automation_id, True, reason)
     click.echo(f"paused {automation_id}")
@@ -352,7 +352,7 @@ def automations_pause(automation_id: str, reason: str) -> None:
 @click.argument("automation_id")
 def automations_resume(automation_id: str) -> None:
     """Let a paused automation (e.g. after a provider quota error) start runs again."""
-    from .automations import set_paused
+    from .runtime.automations import set_paused
 
     set_paused(Runtime().store, automation_id, False)
     click.echo(f"resumed {automation_id}")
@@ -367,7 +367,7 @@ def sandbox() -> None:
 @click.option("--force", is_flag=True, help="rebuild even if the image exists")
 def sandbox_build(force: bool) -> None:
     """Build the default sandbox image locally (no registry needed)."""
-    from sandbox import build_image
+    from .sandbox import build_image
 
     click.echo(build_image(force=force, log=lambda m: click.echo(m, err=True)))
 
@@ -377,8 +377,8 @@ def sandbox_gc() -> None:
     """Show sandboxes and remove this Loopwright home's whose owning process is gone.
 
     Sandboxes of other homes on the same Docker engine are shown, and left alone."""
-    from sandbox import list_sandboxes, reap_orphans
-    from sandbox.docker import loopwright_home
+    from .sandbox import list_sandboxes, reap_orphans
+    from .sandbox.docker import loopwright_home
 
     home = loopwright_home()
     for box in list_sandboxes():
@@ -399,7 +399,7 @@ def sandbox_gc() -> None:
 @click.option("--dry-run", is_flag=True, help="only show what would be removed")
 def sandbox_prune(keep_days: float, keep_last: int, dry_run: bool) -> None:
     """Remove worktrees of finished runs; their branches (and commits) stay."""
-    from sandbox import prune_worktrees
+    from .runtime.worktree import prune_worktrees
 
     runtime = Runtime()
     finished = [(r.repo, r.worktree, r.finished_at) for r in runtime.list_runs(limit=1_000_000)
