@@ -1,4 +1,9 @@
-"""The `loopwright` command. Exit codes: 0 succeeded, 1 a run did not succeed, 2 bad input."""
+"""The `loopwright` command: the composition root that puts the runtime, the plugins, MCP and the daemon
+together. Exit codes: 0 succeeded, 1 a run did not succeed, 2 bad input.
+
+It starts at once: each command imports what it uses, and the plugins (whose commands, such as
+`sandbox`, come through `loopwright_register_commands`) load only for a command that needs them.
+"""
 
 from __future__ import annotations
 
@@ -8,18 +13,14 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from .runtime.config import ConfigError
-from .runtime.plugins import PluginError
-from .runtime.service import RunError, Runtime
-from .runtime.spec import SpecError, load_spec
-from .runtime.store import UnknownRun
+if TYPE_CHECKING:
+    from .runtime.service import Runtime
 
 BAD_INPUT = 2
-INPUT_ERRORS = (SpecError, ConfigError, PluginError, RunError, UnknownRun)
 
 
 def fail(message: str, code: int = BAD_INPUT) -> None:
@@ -27,14 +28,57 @@ def fail(message: str, code: int = BAD_INPUT) -> None:
     sys.exit(code)
 
 
+def _is_bad_input(error: Exception) -> bool:
+    """A malformed spec, bad settings, a broken plugin, a request the runtime refuses, an unknown run."""
+    from .runtime.config import ConfigError
+    from .runtime.plugins import PluginError
+    from .runtime.service import RunError
+    from .runtime.spec import SpecError
+    from .runtime.store import UnknownRun
+
+    return isinstance(error, (SpecError, ConfigError, PluginError, RunError, UnknownRun))
+
+
+def _runtime() -> Runtime:
+    from .runtime.service import Runtime
+
+    return Runtime()
+
+
 class Group(click.Group):
-    """Bad input becomes one line on stderr and exit code 2, not a traceback."""
+    """Bad input becomes one line on stderr and exit code 2, not a traceback. Plugins' commands are
+    added the first time a command is asked for that is not Loopwright's own (or all are listed)."""
+
+    _plugins_loaded = False
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except INPUT_ERRORS as error:
-            fail(str(error))
+        except Exception as error:
+            if _is_bad_input(error):
+                fail(str(error))
+            raise
+
+    def _load_plugin_commands(self) -> None:
+        if Group._plugins_loaded:
+            return
+        Group._plugins_loaded = True
+        from .runtime.config import load_settings
+        from .runtime.plugins import make_plugin_host
+
+        try:
+            make_plugin_host(load_settings()).pm.hook.loopwright_register_commands(cli=self)
+        except Exception as error:
+            if not _is_bad_input(error):
+                raise
+            click.echo(f"warning: plugin commands are not available: {error}", err=True)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        return super().get_command(ctx, name) or (self._load_plugin_commands() or super().get_command(ctx, name))
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugin_commands()
+        return super().list_commands(ctx)
 
 
 @click.group(cls=Group)
@@ -47,7 +91,9 @@ def main() -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
     """Check loop specs without running them; report every problem."""
-    runtime = Runtime()
+    from .runtime.spec import SpecError, load_spec
+
+    runtime = _runtime()
     bad = 0
     for file in files:
         try:
@@ -64,6 +110,9 @@ def validate(files: tuple[Path, ...]) -> None:
 
 
 def _plugin_problems(runtime: Runtime, spec) -> list[str]:
+    from .runtime.config import ConfigError
+    from .runtime.plugins import PluginError
+
     problems = []
     lookups = [("agent.kind", runtime.host.agent, spec.agent.kind), ("sandbox.kind", runtime.host.sandbox, spec.sandbox.kind)]
     lookups += [(f"verify[{i}].kind", runtime.host.verifier, c.kind) for i, c in enumerate(spec.verify)]
@@ -85,8 +134,10 @@ def _plugin_problems(runtime: Runtime, spec) -> list[str]:
 @click.argument("file", type=click.Path(path_type=Path))
 def run(file: Path) -> None:
     """Run a loop in the foreground, one line per iteration. Ctrl-C stops it."""
+    from .runtime.spec import SpecError, load_spec
+
     spec = load_spec(file)
-    problems = _plugin_problems(runtime := Runtime(), spec)
+    problems = _plugin_problems(runtime := _runtime(), spec)
     if problems:
         raise SpecError(str(file), problems)
     runtime.launch(take_work=False)
@@ -103,7 +154,7 @@ def run(file: Path) -> None:
 @click.argument("run_id", required=False)
 def recover(run_id: str | None) -> None:
     """Continue runs whose process died (from their last finished step) and follow them."""
-    runtime = Runtime()
+    runtime = _runtime()
     runtime.launch()  # takes over every run whose owning process is gone
     try:
         ours = [r.id for r in runtime.list_runs(limit=1000) if not r.finished and r.owner == runtime.owner]
@@ -175,7 +226,7 @@ def _iteration_line(runtime: Runtime, run_id: str, event: dict[str, Any]) -> str
 @click.option("--json", "as_json", is_flag=True)
 def runs(loop: str | None, status: str | None, as_json: bool) -> None:
     """List runs, newest first."""
-    runtime = Runtime()
+    runtime = _runtime()
     found = runtime.list_runs(loop, status)
     if as_json:
         click.echo(json.dumps([runtime.status(r.id).to_dict() for r in found], indent=2))
@@ -191,7 +242,7 @@ def runs(loop: str | None, status: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(run_id: str, as_json: bool) -> None:
     """A run's status, spend, tokens and last verdict."""
-    s = Runtime().status(run_id)
+    s = _runtime().status(run_id)
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
         return
@@ -211,7 +262,7 @@ def status(run_id: str, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per event")
 def trace(run_id: str, as_json: bool) -> None:
     """Every event of a run: model calls with tokens and cost, tool calls with durations, verdicts."""
-    runtime = Runtime()
+    runtime = _runtime()
     seen = 0
     while batch := runtime.trace(run_id, after=seen, limit=500):
         for event in batch:
@@ -243,8 +294,50 @@ def _time(ts: float) -> str:
 @click.argument("run_id")
 def stop(run_id: str) -> None:
     """Ask a run to stop; it stops before its next model or tool call."""
-    run = Runtime().stop_run(run_id)
+    run = _runtime().stop_run(run_id)
     click.echo(f"stop requested for run {run.id}")
+
+
+@main.command()
+@click.argument("run_id")
+def pause(run_id: str) -> None:
+    """Ask a run to pause before its next model or tool call; its wall clock stops while it waits."""
+    run = _runtime().pause_run(run_id)
+    click.echo(f"pause requested for run {run.id} (continue it with: loopwright resume {run.id})")
+
+
+@main.command()
+@click.argument("run_id")
+def resume(run_id: str) -> None:
+    """Let a paused run continue."""
+    run = _runtime().resume_run(run_id)
+    click.echo(f"resumed run {run.id}")
+
+
+@main.command()
+@click.option("--run", "run_id", help="only this run's")
+@click.option("--all", "show_all", is_flag=True, help="also those already answered")
+@click.option("--json", "as_json", is_flag=True)
+def approvals(run_id: str | None, show_all: bool, as_json: bool) -> None:
+    """Tool calls waiting at an approval gate (answer each with `loopwright approve ID`)."""
+    found = _runtime().list_approvals(run_id, pending_only=not show_all)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    for a in found:
+        click.echo(f"{a['id']}  run {a['run_id']}  {a['status']:<8} {a['tool']} {json.dumps(a['input'])[:120]}")
+    if not found:
+        click.echo("no tool calls wait for approval" if not show_all else "no approvals")
+
+
+@main.command()
+@click.argument("approval_id")
+@click.option("--deny", is_flag=True, help="refuse the call instead of allowing it")
+@click.option("--note", default="", help="what the maker reads with the answer (why it was denied, what to do)")
+def approve(approval_id: str, deny: bool, note: str) -> None:
+    """Allow (or with --deny, refuse) a tool call waiting for approval."""
+    decided = _runtime().decide_approval(approval_id, not deny, note)
+    click.echo(f"{decided['id']}: {decided['status']}" + (f" ({decided['note']})" if decided["note"] else ""))
 
 
 @main.command()
@@ -291,7 +384,7 @@ def token() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def plugins(as_json: bool) -> None:
     """Every plugin with its source, version and hooks, and what it contributes."""
-    report = Runtime().host.describe()
+    report = _runtime().host.describe()
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -320,7 +413,7 @@ def automations(ctx: click.Context, as_json: bool) -> None:
         return
     from .runtime.automations import describe_automations
 
-    found = describe_automations(Runtime().store)
+    found = describe_automations(_runtime().store)
     if as_json:
         click.echo(json.dumps(found, indent=2))
         return
@@ -344,7 +437,7 @@ def automations_pause(automation_id: str, reason: str) -> None:
     """Stop an automation (<loop>/<trigger name>) from starting runs until it is resumed."""
     from .runtime.automations import set_paused
 
-    set_paused(Runtime().store, automation_id, True, reason)
+    set_paused(_runtime().store, automation_id, True, reason)
     click.echo(f"paused {automation_id}")
 
 
@@ -354,61 +447,8 @@ def automations_resume(automation_id: str) -> None:
     """Let a paused automation (e.g. after a provider quota error) start runs again."""
     from .runtime.automations import set_paused
 
-    set_paused(Runtime().store, automation_id, False)
+    set_paused(_runtime().store, automation_id, False)
     click.echo(f"resumed {automation_id}")
-
-
-@main.group()
-def sandbox() -> None:
-    """The sandbox image and leftover containers."""
-
-
-@sandbox.command("build")
-@click.option("--force", is_flag=True, help="rebuild even if the image exists")
-def sandbox_build(force: bool) -> None:
-    """Build the default sandbox image locally (no registry needed)."""
-    from .sandbox import build_image
-
-    click.echo(build_image(force=force, log=lambda m: click.echo(m, err=True)))
-
-
-@sandbox.command("gc")
-def sandbox_gc() -> None:
-    """Show sandboxes and remove this Loopwright home's whose owning process is gone.
-
-    Sandboxes of other homes on the same Docker engine are shown, and left alone."""
-    from .sandbox import list_sandboxes, reap_orphans
-    from .sandbox.docker import loopwright_home
-
-    home = loopwright_home()
-    for box in list_sandboxes():
-        if box["home"] is None:
-            whose = "home unknown (not labelled): left alone"
-        elif box["home"] != home:
-            whose = f"home {box['home']} (another home): left alone"
-        else:
-            whose = f"home {box['home']}"
-        click.echo(f"{box['name']}  run {box['run_id']}  owner pid {box['owner_pid']}  alive {box['alive']}  {whose}")
-    removed = reap_orphans(home)
-    click.echo(f"removed {len(removed)} leftover sandbox(es)" + (": " + ", ".join(removed) if removed else ""))
-
-
-@sandbox.command("prune")
-@click.option("--keep-days", default=7.0, show_default=True, help="keep worktrees of runs finished this recently")
-@click.option("--keep-last", default=20, show_default=True, help="keep worktrees of this many newest finished runs")
-@click.option("--dry-run", is_flag=True, help="only show what would be removed")
-def sandbox_prune(keep_days: float, keep_last: int, dry_run: bool) -> None:
-    """Remove worktrees of finished runs; their branches (and commits) stay."""
-    from .runtime.worktree import prune_worktrees
-
-    runtime = Runtime()
-    finished = [(r.repo, r.worktree, r.finished_at) for r in runtime.list_runs(limit=1_000_000)
-                if r.finished and r.worktree]
-    removed = prune_worktrees(runtime.settings.worktrees, finished, keep_days=keep_days, keep_last=keep_last,
-                              dry_run=dry_run)
-    for path in removed:
-        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
-    click.echo(f"{len(removed)} worktree(s) {'to remove' if dry_run else 'removed'}; branches stay")
 
 
 if __name__ == "__main__":

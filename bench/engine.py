@@ -28,7 +28,6 @@ os.environ["LOOPWRIGHT_HOME"] = str(Path(TMP.name) / "home")  # before any runti
 os.environ["LOOPWRIGHT_LOAD_PLUGINS"] = ""
 os.environ.pop("LOOPWRIGHT_DATABASE_URL", None)
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from dbos import DBOS  # noqa: E402
 
@@ -46,7 +45,7 @@ LONG_ROUNDS = 1000  # one long run, outside the fit: does the cost per step grow
 # The engine's own steps in a run of one iteration (runtime/engine.py LoopRun.execute, _verify); the
 # bench reads each run's steps back (DBOS.list_workflow_steps) and reports any difference.
 FIXED_STEPS = ("prepare_worktree", "system_prompt", "oracle_pins", "baseline", "verify", "verdict_hooks",
-               "commit", "finish", "run_finished_hooks")
+               "commit", "finish", "run_finished_hooks", "automations_react")
 MODEL = "claude-haiku-5-5"
 REPLY = {"content": [{"type": "tool_use", "id": "t1", "name": "noop", "input": {}}],
          "stop_reason": "tool_use", "usage": {"input_tokens": 10, "output_tokens": 5}}

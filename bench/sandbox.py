@@ -33,7 +33,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 from loopwright.plugins.command_verifier import CommandVerifier  # noqa: E402
 from loopwright.plugins.docker_sandbox import DockerSandboxes, _pool_key  # noqa: E402

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -184,13 +185,20 @@ def serve_stdio(loops_dir: Path | None = None) -> None:
     """`loopwright mcp`. With a daemon running, the daemon executes the runs, so they outlive this
     session; without one, this process executes them and a later process recovers what it leaves."""
     runtime = Runtime()
+    # The durable executor starts beside the server, not before it: a client lists the tools at once
+    # (Claude Code in -p mode sends its first request without waiting long). A run started meanwhile
+    # is queued, and taken when the executor is up.
+    launcher = None
     if runtime.running_daemon() is None:
-        runtime.launch()
+        launcher = threading.Thread(target=runtime.launch, name="loopwright-launch", daemon=True)
+        launcher.start()
     loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
     # A client ends the server with SIGTERM: exit normally so this process's sandboxes are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         build_server(runtime, loops).run("stdio")
     finally:
+        if launcher is not None:
+            launcher.join()
         runtime.shutdown()
 

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import anthropic
-
-from loopwright.runtime.config import ConfigError, Settings
+from loopwright.runtime.config import ConfigError
 from loopwright.runtime.context import elide_old_tool_results, mark_last_message_for_cache
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.spec import AgentSpec
 from loopwright.runtime.types import ToolResult
+
+if TYPE_CHECKING:
+    from loopwright.runtime.config import Settings
+    from loopwright.runtime.spec import AgentSpec
 
 MAX_RETRIES = 4  # the SDK backs off exponentially on 429, 5xx and 529 (overloaded)
 
@@ -32,10 +33,14 @@ class AnthropicMaker:
                 "the anthropic maker needs ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) in the environment; "
                 "set ANTHROPIC_BASE_URL too to use another Anthropic-compatible endpoint"
             )
+        import anthropic  # here, not at start-up: the SDK takes a while to import
+
         self.agent = agent
         self.client = anthropic.AsyncAnthropic(max_retries=MAX_RETRIES)
 
     async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+        import anthropic
+
         try:
             message = await self.client.messages.create(**request)
         except anthropic.APIStatusError as error:

@@ -13,12 +13,15 @@ import os
 import shlex
 import stat
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 import anyio
 
 from loopwright.runtime.config import ConfigError, Settings
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.spec import AgentSpec
+
+if TYPE_CHECKING:
+    from loopwright.runtime.spec import AgentSpec
 
 RUN_TOOL = "run_command"
 HOW_TO_WORK = """# How you are run

@@ -11,12 +11,14 @@ from __future__ import annotations
 import hashlib
 import re
 import xml.etree.ElementTree as ElementTree
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loopwright.runtime.context import truncate
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.spec import VerifySpec
 from loopwright.runtime.types import CheckResult, ExecResult, VerifyContext
+
+if TYPE_CHECKING:
+    from loopwright.runtime.spec import VerifySpec
 
 FEEDBACK_LIMIT = 8000
 REPORT = "/tmp/loopwright-report.xml"

@@ -10,12 +10,17 @@ from __future__ import annotations
 import os
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
 
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.plugins import plugin_settings
-from loopwright.runtime.spec import LoopSpec
 from loopwright.sandbox import DockerSandbox, PoolKey, SandboxPool, default_image, reap_orphans
+
+if TYPE_CHECKING:
+    from loopwright.runtime.spec import LoopSpec
 
 DEFAULT_POOL_SIZE = 1
 # A check's Python reads no user site and writes no bytecode that a later check could run.
@@ -78,3 +83,65 @@ def _pool_key(spec: LoopSpec, folders: Path, verification: bool = False) -> Pool
 @hookimpl(trylast=True)
 def loopwright_register_sandboxes(register):
     register("docker", DockerSandboxes())
+
+
+@hookimpl
+def loopwright_register_commands(cli):
+    cli.add_command(sandbox)
+
+
+# --- `loopwright sandbox ...` -------------------------------------------------------------------
+
+
+@click.group()
+def sandbox() -> None:
+    """The sandbox image and leftover containers."""
+
+
+@sandbox.command("build")
+@click.option("--force", is_flag=True, help="rebuild even if the image exists")
+def sandbox_build(force: bool) -> None:
+    """Build the default sandbox image locally (no registry needed)."""
+    from loopwright.sandbox import build_image
+
+    click.echo(build_image(force=force, log=lambda m: click.echo(m, err=True)))
+
+
+@sandbox.command("gc")
+def sandbox_gc() -> None:
+    """Show sandboxes and remove this Loopwright home's whose owning process is gone.
+
+    Sandboxes of other homes on the same Docker engine are shown, and left alone."""
+    from loopwright.sandbox import list_sandboxes, reap_orphans
+    from loopwright.sandbox.docker import loopwright_home
+
+    home = loopwright_home()
+    for box in list_sandboxes():
+        if box["home"] is None:
+            whose = "home unknown (not labelled): left alone"
+        elif box["home"] != home:
+            whose = f"home {box['home']} (another home): left alone"
+        else:
+            whose = f"home {box['home']}"
+        click.echo(f"{box['name']}  run {box['run_id']}  owner pid {box['owner_pid']}  alive {box['alive']}  {whose}")
+    removed = reap_orphans(home)
+    click.echo(f"removed {len(removed)} leftover sandbox(es)" + (": " + ", ".join(removed) if removed else ""))
+
+
+@sandbox.command("prune")
+@click.option("--keep-days", default=7.0, show_default=True, help="keep worktrees of runs finished this recently")
+@click.option("--keep-last", default=20, show_default=True, help="keep worktrees of this many newest finished runs")
+@click.option("--dry-run", is_flag=True, help="only show what would be removed")
+def sandbox_prune(keep_days: float, keep_last: int, dry_run: bool) -> None:
+    """Remove worktrees of finished runs; their branches (and commits) stay."""
+    from loopwright.runtime.service import Runtime
+    from loopwright.runtime.worktree import prune_worktrees
+
+    runtime = Runtime()
+    finished = [(r.repo, r.worktree, r.finished_at) for r in runtime.list_runs(limit=1_000_000)
+                if r.finished and r.worktree]
+    removed = prune_worktrees(runtime.settings.worktrees, finished, keep_days=keep_days, keep_last=keep_last,
+                              dry_run=dry_run)
+    for path in removed:
+        click.echo(f"{'would remove' if dry_run else 'removed'} {path}")
+    click.echo(f"{len(removed)} worktree(s) {'to remove' if dry_run else 'removed'}; branches stay")

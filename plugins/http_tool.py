@@ -8,13 +8,14 @@ only for runs whose spec allows at least one host.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
-
-import httpx2
 
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.types import RunInfo, Tool, ToolContext, ToolResult
+
+if TYPE_CHECKING:
+    import httpx2
 
 BODY_LIMIT = 100_000  # bytes of a response body the maker sees
 MAX_REDIRECTS = 5
@@ -101,6 +102,8 @@ def http_request(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:
     url = args.get("url")
     if why := refusal(url, allow_hosts):
         return ToolResult(f"Not sent: {why}.", is_error=True)
+    import httpx2  # here, not at start-up
+
     # trust_env=False: proxies, .netrc credentials and certificates of the host stay out of requests the model writes.
     with httpx2.Client(follow_redirects=False, trust_env=False, timeout=ctx.timeout) as client:
         for _ in range(MAX_REDIRECTS + 1):

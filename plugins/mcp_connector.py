@@ -15,16 +15,16 @@ import os
 import re
 import tempfile
 from contextlib import AsyncExitStack
-from typing import Any
-
-from mcp import Client, MCPError, StdioServerParameters
-from mcp.client.stdio import stdio_client
-from mcp.client.streamable_http import streamable_http_client
+from typing import TYPE_CHECKING, Any
 
 from loopwright.plugins.http_tool import refusal
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.spec import McpServerSpec
 from loopwright.runtime.types import RunInfo, Sandbox, Tool, ToolContext, ToolResult
+
+if TYPE_CHECKING:
+    from mcp import Client
+
+    from loopwright.runtime.spec import McpServerSpec
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,8 @@ def result_text(result: Any) -> str:
 
 def _mcp_tool(server: str, client: Client, listed: Any) -> Tool:
     async def call(ctx: ToolContext, arguments: dict[str, Any]) -> ToolResult:
+        from mcp import MCPError
+
         try:
             result = await client.call_tool(listed.name, arguments, read_timeout_seconds=ctx.timeout)
         except MCPError as error:
@@ -108,6 +110,10 @@ def _stderr_tail(errlog: Any) -> str:
 
 async def connect(server: McpServerSpec, run: RunInfo, sandbox: Sandbox, stack: AsyncExitStack) -> list[Tool]:
     """Open a session to `server` (closed with `stack`) and return its tools."""
+    from mcp import Client, StdioServerParameters  # here, not at start-up: the SDK takes a while to import
+    from mcp.client.stdio import stdio_client
+    from mcp.client.streamable_http import streamable_http_client
+
     errlog = None
     if server.url is not None:
         if why := refusal(server.url, run.spec.http.allow_hosts):

@@ -12,15 +12,15 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any
-
-import anthropic
+from typing import TYPE_CHECKING, Any
 
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.context import truncate
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.spec import VerifySpec
 from loopwright.runtime.types import CheckResult, VerifyContext
+
+if TYPE_CHECKING:
+    from loopwright.runtime.spec import VerifySpec
 
 DEFAULT_MODEL = "claude-haiku-5-5"
 MAX_RETRIES = 4
@@ -113,6 +113,8 @@ class RubricReviewer:
         self.model = check.model or DEFAULT_MODEL
 
     def verify(self, ctx: VerifyContext) -> CheckResult:
+        import anthropic  # here, not at start-up: the SDK takes a while to import
+
         request = {
             "model": self.model,
             "max_tokens": MAX_TOKENS,

@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-import yaml
-
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.types import Tool, ToolContext, ToolResult
 
@@ -64,6 +62,8 @@ class SkippedSkill:
 
 def parse_skill_md(text: str) -> tuple[dict[str, Any], str]:
     """The front matter (a YAML mapping between ``---`` lines at the top) and the markdown body."""
+    import yaml  # here, not at start-up
+
     lines = text.lstrip("\ufeff").splitlines(keepends=True)
     if not lines or lines[0].strip() != "---":
         raise SkillError("SKILL.md does not start with YAML front matter (a '---' line)")
@@ -197,6 +197,8 @@ def find_skills(host: Any, spec: Any, worktree: Path) -> tuple[list[Skill], list
 
 def _name_hint(root: Path) -> str:
     """A malformed skill's name as far as it can be read, for the report; else its folder's name."""
+    import yaml
+
     try:
         text = read_inside(root, SKILL_FILE).decode("utf-8", errors="replace")
         meta = yaml.safe_load(text.split("---")[1])

@@ -2,7 +2,7 @@
 
 A loop's `[[trigger]]` entries name automation kinds, which plugins contribute through
 `loopwright_register_automations` (the built-ins `cron`, `webhook`, `watch` and `after` live in
-plugins/automations.py; this module imports no plugin). A kind's factory takes the TriggerSpec and
+plugins/triggers.py; this module imports no plugin). A kind's factory takes the TriggerSpec and
 returns a trigger: any object with some of these methods, each called in a worker thread with a
 `Context`:
 
@@ -38,7 +38,7 @@ from .plugins import PluginError, PluginHost
 from .service import RunError, Runtime
 from .spec import LoopSpec, SpecError, TriggerSpec, load_spec
 from .store import Store, automations as automations_table, firings, runs
-from .types import Outcome, RunInfo
+from .types import Outcome, RunInfo, WebhookRequest
 
 if TYPE_CHECKING:
     from .daemon import Daemon
@@ -69,18 +69,6 @@ def clock() -> datetime:
         except (OSError, ValueError):
             pass
     return datetime.now(timezone.utc)
-
-
-@dataclass
-class WebhookRequest:
-    headers: dict[str, str]  # names in lower case
-    body: bytes  # the raw body, as signed
-
-
-@dataclass
-class WebhookResponse:
-    status: int
-    body: dict[str, Any]
 
 
 @dataclass

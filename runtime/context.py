@@ -8,10 +8,12 @@ every model call of every iteration re-reads it from the cache; then the compact
 from __future__ import annotations
 
 import copy
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .spec import LoopSpec
 from .types import Verdict
+
+if TYPE_CHECKING:
+    from .spec import LoopSpec
 
 CACHE = {"type": "ephemeral"}
 KEEP_TOOL_RESULTS = 3  # the newest tool outputs stay whole within an iteration

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import logging
 import shutil
 import threading
 import time
@@ -27,6 +28,8 @@ from .spec import LoopSpec
 from .types import (
     CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
 )
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .service import Runtime
@@ -117,6 +120,7 @@ class LoopRun:
             outcome.commit = await step("commit", self._commit, outcome.status)
         await step("finish", self._finish, asdict(outcome))
         await step("run_finished_hooks", self.rt.host.run_finished, self.info, outcome)
+        await step("automations_react", self._automations_react, outcome)
         return outcome
 
     # --- the loop --------------------------------------------------------------------------
@@ -330,6 +334,15 @@ class LoopRun:
 
     def _commit(self, status: str) -> str | None:
         return worktrees.commit_all(self._worktree(), f"loopwright: {self.spec.name} run {self.id} ({status})")
+
+    def _automations_react(self, outcome: Outcome) -> None:
+        """Chained loops (`after` triggers) start, and a quota error pauses the automation that started the run."""
+        from .automations import Automations  # only here: the engine runs without automations otherwise
+
+        try:
+            Automations(self.rt).run_finished(self.info, outcome)
+        except Exception:  # the run has ended either way; a chained run that could not start is logged
+            log.exception("automations could not react to the end of run %s", self.id)
 
     def _finish(self, outcome: dict[str, Any]) -> None:
         self.store.update_run(

@@ -204,3 +204,19 @@ def loopwright_run_finished(run: RunInfo, outcome: Outcome, host: PluginHost) ->
     :param host: the plugin host: settings, registries and ``host.store``.
     :return: ignored.
     """
+
+
+# --- the command line -----------------------------------------------------------------------
+
+
+@hookspec
+def loopwright_register_commands(cli: Any) -> None:
+    """Add commands to the ``loopwright`` command line, the way llm's plugins do (``sandbox`` comes
+    from the docker plugin this way).
+
+    Fires once per process, the first time a command is asked for that is not Loopwright's own,
+    or when every command is listed (``loopwright --help``).
+
+    :param cli: the ``loopwright`` click group: ``@cli.command()`` or ``cli.add_command(group)``.
+    :return: ignored.
+    """

@@ -8,14 +8,16 @@ import os
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from importlib.metadata import entry_points
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .config import Settings
-from .store import Store
 from .types import Decision, Outcome, RunInfo, Tool, ToolCall, ToolResult, Verdict
+
+if TYPE_CHECKING:
+    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +136,8 @@ class PluginHost:
     @cached_property
     def store(self) -> Store:
         """The runs database, for plugins that keep state there (memory) or add to a run's trace."""
+        from .store import Store
+
         return Store(self.settings.database_url)
 
     def agent(self, kind: str) -> Any:

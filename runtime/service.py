@@ -6,17 +6,20 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .plugins import PluginHost, make_plugin_host
-from .spec import LoopSpec
 from .store import Run, Store, new_run_id
 
 log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from .spec import LoopSpec
+
 VERSION = "0.1.0"
 RUN_QUEUE = "loopwright-runs"  # every process that executes runs takes queued runs from here
 WORKFLOW = "loopwright.run"
@@ -80,14 +83,16 @@ class Runtime:
         self.settings = settings or load_settings()
         self.store = Store(self.settings.database_url)
         self._host = host
+        self._host_lock = threading.Lock()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
         self.launched = False
         self._client: Any = None
 
     @property
     def host(self) -> PluginHost:
-        if self._host is None:
-            self._host = make_plugin_host(self.settings)
+        with self._host_lock:  # an MCP server launches in a thread while it answers requests
+            if self._host is None:
+                self._host = make_plugin_host(self.settings)
         return self._host
 
     # --- executing -----------------------------------------------------------------------------

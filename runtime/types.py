@@ -181,3 +181,19 @@ class Outcome:
     reason: str
     iterations: int
     commit: str | None = None
+
+
+@dataclass
+class WebhookRequest:
+    """A POST to an automation's webhook, as a trigger's ``handle(ctx, request)`` receives it."""
+
+    headers: dict[str, str]  # names in lower case
+    body: bytes  # the raw body, as signed
+
+
+@dataclass
+class WebhookResponse:
+    """What a trigger's ``handle`` answers: the HTTP status and a JSON body."""
+
+    status: int
+    body: dict[str, Any]

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import loopwright, run_id_of, write_spec
 from model_server import text, tool_use
-from loopwright.plugins.memory import KvStore, add_note
+from loopwright.plugins.memory.store import KvStore, add_note
 from loopwright.runtime.config import load_settings
 from loopwright.runtime.context import newest_within, opening_message
 from loopwright.runtime.hookspecs import hookimpl

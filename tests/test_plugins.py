@@ -256,6 +256,15 @@ def test_plugins_shows_which_plugin_shadows_a_built_in_tool(install):
     assert "list_files (shadowed by probe)" in loopwright("plugins").stdout
 
 
+@pytest.mark.hook("loopwright_register_commands")
+def test_a_plugin_adds_a_command_to_the_command_line(install):
+    install("probe")
+    assert loopwright("probe-hello", "you").stdout == "hello you, from the probe\n"
+    assert "probe-hello" in loopwright("--help").stdout
+    sandbox = loopwright("sandbox", "--help")  # the built-in docker plugin adds its commands the same way
+    assert sandbox.returncode == 0 and all(name in sandbox.stdout for name in ("build", "gc", "prune"))
+
+
 # --- every other hook, through the probe plugin ---------------------------------------------------
 
 

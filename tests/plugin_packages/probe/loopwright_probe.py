@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import click
+
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.plugins import plugin_settings
 from loopwright.runtime.types import CheckResult, Decision, ExecResult, Tool
@@ -159,3 +161,15 @@ def loopwright_verdict(run, iteration, verdict, summary):
 @hookimpl
 def loopwright_run_finished(run, outcome):
     _record("run_finished", run=run.id, status=outcome.status, reason=outcome.reason)
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+@hookimpl
+def loopwright_register_commands(cli):
+    @cli.command("probe-hello")
+    @click.argument("name")
+    def probe_hello(name):
+        """Greet NAME (a command added by the probe plugin)."""
+        click.echo(f"hello {name}, from the probe")

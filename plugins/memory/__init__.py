@@ -16,15 +16,11 @@ the earlier iterations; these notes carry them to the next run.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Any
-
-import sqlalchemy as sa
+from typing import TYPE_CHECKING, Any
 
 from loopwright.runtime.context import first_line, newest_within
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.store import UnknownRun, memory_kv, memory_notes
 from loopwright.runtime.types import Tool, ToolContext, ToolResult, Verdict
 
 NOTE_LIMIT = 400  # characters of one note line
@@ -34,6 +30,9 @@ KV_MAX_VALUE_CHARS = 4000
 KV_MAX_KEY_CHARS = 200
 NOTES_TITLE = """# Notes from earlier runs of this loop
 What each iteration tried and what the checks said, oldest first. Do not repeat what failed."""
+if TYPE_CHECKING:
+    from .store import KvStore
+
 KV_TITLE = "# Key-value memory of this loop\nKeys stored by earlier runs (read one with memory_get):"
 
 
@@ -64,49 +63,9 @@ def note_line(iteration: int, summary: str, verdict: Verdict) -> str:
     return line if len(line) <= NOTE_LIMIT else line[: NOTE_LIMIT - 3] + "..."
 
 
-def add_note(engine: sa.Engine, loop: str, run_id: str, iteration: int, note: str) -> None:
-    """Once per (run, iteration): a verdict hook that re-runs after a crash adds nothing."""
-    c = memory_notes.c
-    with engine.begin() as db:
-        if db.execute(sa.select(c.seq).where(c.run_id == run_id, c.iteration == iteration)).first():
-            return
-        db.execute(memory_notes.insert().values(loop=loop, run_id=run_id, iteration=iteration, note=note,
-                                                at=time.time()))
-        cutoff = db.execute(sa.select(c.seq).where(c.loop == loop).order_by(c.seq.desc())
-                            .offset(KEEP_NOTES).limit(1)).scalar()
-        if cutoff is not None:
-            db.execute(memory_notes.delete().where(c.loop == loop, c.seq <= cutoff))
-
-
-def earlier_notes(store: Any, loop: str, run_id: str, most: int) -> tuple[list[str], int]:
-    """The newest `most` lines of the loop's notes from other runs, oldest first, with each run's
-    outcome after its last note; and how many older notes there are besides."""
-    c = memory_notes.c
-    others = sa.and_(c.loop == loop, c.run_id != run_id)
-    with store.engine.connect() as db:
-        total = db.execute(sa.select(sa.func.count()).where(others)).scalar() or 0
-        rows = list(db.execute(sa.select(c.run_id, c.iteration, c.note).where(others)
-                               .order_by(c.seq.desc()).limit(most)))
-    rows.reverse()
-    lines = []
-    for index, (rid, _iteration, note) in enumerate(rows):
-        lines.append(f"- run {rid}, {note}")
-        if index + 1 == len(rows) or rows[index + 1][0] != rid:
-            lines += _outcome(store, rid)
-    return lines, total - len(rows)
-
-
-def _outcome(store: Any, run_id: str) -> list[str]:
-    try:
-        run = store.get_run(run_id)
-    except UnknownRun:
-        return []
-    if not run.finished:
-        return []
-    return [f"- run {run_id} ended {run.status}: {first_line(run.reason, 200)}"]
-
-
 def notes_section(store: Any, run: Any, budget: int) -> str | None:
+    from .store import earlier_notes  # here: the database code imports SQLAlchemy, slow at start-up
+
     lines, older = earlier_notes(store, run.loop, run.id, most=budget // 20 + 1)
     if not lines:
         return None
@@ -114,56 +73,6 @@ def notes_section(store: Any, run: Any, budget: int) -> str | None:
 
 
 # --- key-value memory ---------------------------------------------------------------------------
-
-
-class KvStore:
-    """One loop's keys and values, with the caps the maker is told about when it exceeds them."""
-
-    def __init__(self, engine: sa.Engine, loop: str, run_id: str, max_keys: int, max_value_chars: int):
-        self.engine = engine
-        self.loop = loop
-        self.run_id = run_id
-        self.max_keys = max_keys
-        self.max_value_chars = max_value_chars
-
-    def _where(self, key: str | None = None) -> Any:
-        condition = memory_kv.c.loop == self.loop
-        return condition if key is None else sa.and_(condition, memory_kv.c.key == key)
-
-    def keys(self) -> list[tuple[str, int, str]]:
-        c = memory_kv.c
-        query = sa.select(c.key, sa.func.length(c.value), c.run_id).where(self._where()).order_by(c.key)
-        with self.engine.connect() as db:
-            return [tuple(row) for row in db.execute(query)]
-
-    def get(self, key: str) -> str | None:
-        with self.engine.connect() as db:
-            return db.execute(sa.select(memory_kv.c.value).where(self._where(key))).scalar()
-
-    def set(self, key: str, value: str) -> str:
-        if len(value) > self.max_value_chars:
-            raise ValueError(f"the value has {len(value)} characters; the limit is {self.max_value_chars}. "
-                             "Store a shorter summary, or split it over several keys.")
-        for attempt in range(2):  # two runs of the loop may set a new key at once; the second retries
-            try:
-                with self.engine.begin() as db:
-                    existed = db.execute(memory_kv.delete().where(self._where(key))).rowcount > 0
-                    if not existed:
-                        count = db.execute(sa.select(sa.func.count()).where(self._where())).scalar() or 0
-                        if count >= self.max_keys:
-                            raise ValueError(f"the memory is full ({count} keys, the limit is {self.max_keys}); "
-                                             "delete a key with memory_delete or overwrite one")
-                    db.execute(memory_kv.insert().values(loop=self.loop, key=key, value=value, run_id=self.run_id,
-                                                         updated_at=time.time()))
-                return "replaced" if existed else "stored"
-            except sa.exc.IntegrityError:
-                if attempt:
-                    raise
-        raise AssertionError("unreachable")
-
-    def delete(self, key: str) -> bool:
-        with self.engine.begin() as db:
-            return db.execute(memory_kv.delete().where(self._where(key))).rowcount > 0
 
 
 def _key(args: dict[str, Any]) -> str:
@@ -234,6 +143,8 @@ def _kv_tools(kv: KvStore) -> list[Tool]:
 
 
 def _kv_for(run: Any, host: Any) -> KvStore:
+    from .store import KvStore
+
     settings = host.plugin_settings("memory")
     return KvStore(host.store.engine, run.loop, run.id,
                    max_keys=int(settings.get("kv_max_keys", KV_MAX_KEYS)),
@@ -276,4 +187,6 @@ def loopwright_run_tools(run, host):
 @hookimpl(trylast=True)
 def loopwright_verdict(run, iteration, verdict, summary, host):
     if run.spec.memory.notes and _active(host, "notes", NOTES):
+        from .store import add_note
+
         add_note(host.store.engine, run.loop, run.id, iteration, note_line(iteration, summary, verdict))

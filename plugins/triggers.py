@@ -17,17 +17,15 @@ import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import anyio
-from croniter import croniter
-
-from loopwright.runtime.automations import Automations, Context, WebhookRequest, WebhookResponse
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.service import Runtime
-from loopwright.runtime.spec import TriggerSpec, parse_duration
-from loopwright.runtime.types import OUTCOMES, Outcome, RunInfo
+from loopwright.runtime.types import OUTCOMES, Outcome, RunInfo, WebhookRequest, WebhookResponse
+
+if TYPE_CHECKING:
+    from loopwright.runtime.automations import Context
+    from loopwright.runtime.spec import TriggerSpec
 
 log = logging.getLogger(__name__)
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -47,6 +45,8 @@ def _settings(trigger: TriggerSpec, allowed: set[str]) -> dict[str, Any]:
 
 
 def _duration(settings: dict[str, Any], key: str, default: str, least: float) -> float:
+    from loopwright.runtime.spec import parse_duration
+
     try:
         seconds = parse_duration(settings.get(key, default))
     except (ValueError, TypeError) as error:
@@ -61,6 +61,8 @@ class Cron:
     due time it missed; a new schedule starts counting when the daemon first sees it."""
 
     def __init__(self, trigger: TriggerSpec):
+        from croniter import croniter  # here, not at start-up
+
         settings = _settings(trigger, {"schedule", "timezone"})
         schedule = settings.get("schedule")
         if not isinstance(schedule, str) or len(schedule.split()) != 5 or not croniter.is_valid(schedule):
@@ -72,6 +74,8 @@ class Cron:
         self.schedule = schedule
 
     def poll(self, ctx: Context) -> None:
+        from croniter import croniter
+
         now = ctx.now()
         last = ctx.state.get("last_due")
         if last is None:
@@ -234,19 +238,3 @@ def loopwright_register_automations(register):
     register("webhook", Webhook)
     register("watch", Watch)
     register("after", After)
-
-
-def _run_finished(run: RunInfo, outcome: Outcome, host: Any) -> None:
-    runtime = Runtime(host.settings, host)
-    try:
-        Automations(runtime).run_finished(run, outcome)
-    except Exception:  # the run has ended either way; a chained run that could not start is logged
-        log.exception("automations could not react to the end of run %s", run.id)
-    finally:
-        runtime.shutdown()
-
-
-@hookimpl
-async def loopwright_run_finished(run: RunInfo, outcome: Outcome, host: Any) -> None:
-    """Chained loops (`after` triggers) start, and a quota error pauses the automation that started the run."""
-    await anyio.to_thread.run_sync(_run_finished, run, outcome, host)
