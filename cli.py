@@ -132,7 +132,9 @@ def _plugin_problems(runtime: Runtime, spec) -> list[str]:
 
 @main.command()
 @click.argument("file", type=click.Path(path_type=Path))
-def run(file: Path) -> None:
+@click.option("--replay", "session", metavar="SESSION",
+              help="answer from a recorded run (a run id, or a file from `trace RUN --session`) instead of the model")
+def run(file: Path, session: str | None) -> None:
     """Run a loop in the foreground, one line per iteration. Ctrl-C stops it."""
     from .runtime.spec import SpecError, load_spec
 
@@ -140,9 +142,17 @@ def run(file: Path) -> None:
     problems = _plugin_problems(runtime := _runtime(), spec)
     if problems:
         raise SpecError(str(file), problems)
+    recorded = None
+    if session:
+        from .runtime.replay import load_session
+
+        recorded = load_session(session, runtime.store)
+        click.echo(f"replaying the model's answers of run {recorded.get('run', '?')} ({len(recorded['answers'])} "
+                   "model calls) from a recorded session: no model is called, nothing is spent; "
+                   "the sandbox, tools and checks are real")
     runtime.launch(take_work=False)
     try:
-        started = runtime.start_run(spec, here=True)
+        started = runtime.start_run(spec, here=True, replay=recorded)
         click.echo(f"run {started.id} of loop {spec.name} on branch {started.branch} (stop it with: loopwright stop {started.id})")
         status = _follow(runtime, started.id)
     finally:
@@ -260,9 +270,16 @@ def status(run_id: str, as_json: bool) -> None:
 @main.command()
 @click.argument("run_id")
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per event")
-def trace(run_id: str, as_json: bool) -> None:
+@click.option("--session", "as_session", is_flag=True,
+              help="the model's answers only, as a session file for `loopwright run --replay`")
+def trace(run_id: str, as_json: bool, as_session: bool) -> None:
     """Every event of a run: model calls with tokens and cost, tool calls with durations, verdicts."""
     runtime = _runtime()
+    if as_session:
+        from .runtime.replay import session_of
+
+        click.echo(json.dumps(session_of(runtime.store, run_id), indent=1))
+        return
     seen = 0
     while batch := runtime.trace(run_id, after=seen, limit=500):
         for event in batch:

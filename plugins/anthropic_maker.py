@@ -28,15 +28,25 @@ def _block(block: Any) -> dict[str, Any]:
 
 class AnthropicMaker:
     def __init__(self, agent: AgentSpec, settings: Settings):
+        self.agent = agent
+        self._client: Any = None
+
+    def check(self) -> None:
+        """Before a run starts (not for a replay, which calls no model): is there a key?"""
         if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
             raise ConfigError(
                 "the anthropic maker needs ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) in the environment; "
                 "set ANTHROPIC_BASE_URL too to use another Anthropic-compatible endpoint"
             )
-        import anthropic  # here, not at start-up: the SDK takes a while to import
 
-        self.agent = agent
-        self.client = anthropic.AsyncAnthropic(max_retries=MAX_RETRIES)
+    @property
+    def client(self) -> Any:
+        if self._client is None:
+            self.check()
+            import anthropic  # here, not at start-up: the SDK takes a while to import
+
+            self._client = anthropic.AsyncAnthropic(max_retries=MAX_RETRIES)
+        return self._client
 
     async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
         import anthropic

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import anyio
 from dbos import DBOS
 
-from . import context, verification
+from . import context, replay, verification
 from . import worktree as worktrees
 from .spec import LoopSpec
 from .types import (
@@ -81,6 +81,8 @@ class LoopRun:
         self.system_sections: list[str] = []
         self.pins: dict[str, str] = {}  # the oracle's files at the base commit: path -> blob sha
         self.baselines: dict[str, str] = {}  # check index -> file holding its verifier's baseline
+        replaying = self.store.event(run_id, "replay")
+        self.replay: dict[str, Any] | None = replaying["data"] if replaying else None  # runtime/replay.py
         self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
 
     async def execute(self) -> Outcome:
@@ -500,10 +502,14 @@ class Turn:
             return {"stop": list(reason)}
         self._run.rt.settings.price(model)  # fail before spending when the price is unknown
         started = time.monotonic()
-        reply = await send(request)
+        if self._run.replay is not None:  # the recorded answer instead of a model call: free
+            reply = replay.answer(self._run.replay, key)
+        else:
+            reply = await send(request)
         self._run._record_model_call(
             key, self.iteration, model, reply["usage"], (time.monotonic() - started) * 1000,
-            {"stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]]},
+            {"stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]],
+             **({"replayed": True} if self._run.replay is not None else {})},
         )
         return reply
 
@@ -581,5 +587,5 @@ def _trace_block(block: dict[str, Any]) -> dict[str, Any]:
     if block.get("type") == "text":
         return {"type": "text", "text": context.truncate(block["text"], 4000)}
     if block.get("type") == "tool_use":
-        return {"type": "tool_use", "name": block["name"], "input": block["input"]}
+        return {"type": "tool_use", "id": block.get("id"), "name": block["name"], "input": block["input"]}
     return {"type": block.get("type", "?")}

@@ -67,7 +67,8 @@ def loopwright_register_agents(register: Callable[[str, Any], None]) -> None:
     Fires once when the plugin host is built.
 
     :param register: ``register(kind, factory)``; ``factory(agent_spec, settings)`` returns an object
-        with ``async take_turn(turn)`` that drives one iteration of the maker.
+        with ``async take_turn(turn)`` that drives one iteration of the maker, and optionally
+        ``check()``, called before a live run starts (not for a replay) to refuse one that cannot work.
     """
 
 

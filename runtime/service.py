@@ -142,9 +142,12 @@ class Runtime:
             taken.append(run.id)
         return taken
 
-    def preflight(self, spec: LoopSpec) -> None:
-        """Refuse a run that cannot work, before anything is created."""
-        self.host.agent(spec.agent.kind)(spec.agent, self.settings)
+    def preflight(self, spec: LoopSpec, *, replay: bool = False) -> None:
+        """Refuse a run that cannot work, before anything is created. A replayed run calls no model,
+        so its maker's own check (an API key) is skipped."""
+        maker = self.host.agent(spec.agent.kind)(spec.agent, self.settings)
+        if not replay and hasattr(maker, "check"):
+            maker.check()
         self.host.sandbox(spec.sandbox.kind)
         for check in spec.verify:
             self.host.verifier(check.kind)(check)  # a verifier that cannot work (e.g. no API key) says so now
@@ -154,22 +157,25 @@ class Runtime:
             raise RunError(f"workspace.repo {str(repo)!r} is not a git repository: point it at one (relative to the spec file)")
 
     def start_run(self, spec: LoopSpec, *, here: bool = False, run_id: str | None = None,
-                  trigger: dict[str, Any] | None = None) -> Run:
+                  trigger: dict[str, Any] | None = None, replay: dict[str, Any] | None = None) -> Run:
         """Create a run and return at once. With `here`, this process executes it; otherwise it is
         queued, and the first process that executes runs (a daemon, or an MCP server) takes it.
 
         `run_id` chooses the id (an automation derives it from the firing, so starting the same firing
         twice yields one run: the row and the durable workflow are both keyed by it); `trigger` says
-        what started the run, recorded as the first event of its trace."""
+        what started the run, recorded as the first event of its trace; `replay`, a recorded session
+        (runtime/replay.py) whose answers the run gets instead of calling the model."""
         if here and not self.launched:
             raise RunError("this process does not execute runs; call launch() first")
-        self.preflight(spec)
+        self.preflight(spec, replay=replay is not None)
         run_id = run_id or new_run_id()
         run = self.store.create_run(
             run_id, spec.name, spec.model_dump(mode="json"), spec.workspace.repo, f"loopwright/{spec.name}/{run_id}"
         )
         if trigger:
             self.store.add_event(run_id, "trigger", "triggered", 0, trigger)
+        if replay is not None:
+            self.store.add_event(run_id, "replay", "replay", 0, replay)
         if here:
             self.store.update_run(run_id, owner=self.owner)
             self._start_workflow(run_id)

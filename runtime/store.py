@@ -284,6 +284,16 @@ class Store:
                 db.execute(runs.update().where(runs.c.id == run_id)
                            .values(spent_usd=runs.c.spent_usd + numbers["cost_usd"]))
 
+    def event(self, run_id: str, key: str) -> dict[str, Any] | None:
+        """One event of a run's trace by its key, or None."""
+        with self.engine.connect() as db:
+            row = db.execute(sa.select(events).where(events.c.run_id == run_id, events.c.key == key)).first()
+        if row is None:
+            return None
+        found = dict(row._mapping)
+        found["data"] = json.loads(found["data"])
+        return found
+
     def events(self, run_id: str, after: int = 0, limit: int = 100, newest: bool = False) -> list[dict[str, Any]]:
         query = sa.select(events).where(events.c.run_id == run_id)
         if newest:

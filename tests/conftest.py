@@ -138,9 +138,10 @@ def trace(run_id: str) -> list[dict]:
 
 
 def run_id_of(result: subprocess.CompletedProcess) -> str:
-    first = result.stdout.splitlines()[0]
-    assert first.startswith("run "), result.stdout + result.stderr
-    return first.split()[1]
+    """The id in `loopwright run`'s "run <id> of loop ..." line."""
+    started = [line for line in result.stdout.splitlines() if line.startswith("run ")]
+    assert started, result.stdout + result.stderr
+    return started[0].split()[1]
 
 
 def wait_for(condition, timeout: float = 60):

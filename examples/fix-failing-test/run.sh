@@ -11,4 +11,10 @@ git -C "$dest" add -A
 git -C "$dest" -c user.name=Loopwright -c user.email=loopwright@localhost commit -q -m "example: a failing test"
 lw="${LOOPWRIGHT:-$here/../../.venv/bin/loopwright}"
 [ -x "$lw" ] || lw=loopwright
-exec "$lw" run "$dest/loop.toml"
+if [ -n "${ANTHROPIC_API_KEY:-}${ANTHROPIC_AUTH_TOKEN:-}" ]; then
+    exec "$lw" run "$dest/loop.toml"
+fi
+# No key: the model's side comes from a recorded session (session.json, made with
+# `loopwright trace RUN --session`); the sandbox, the tools and the checks are real.
+echo "no ANTHROPIC_API_KEY: replaying a recorded model session; set a key to run it live"
+exec "$lw" run "$dest/loop.toml" --replay "$here/session.json"

@@ -14,9 +14,7 @@ import shlex
 from datetime import datetime, timezone
 from pathlib import Path
 
-from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.plugins import plugin_settings
-from loopwright.runtime.types import Outcome, RunInfo, Tool, ToolContext
+from loopwright import Outcome, RunInfo, Tool, ToolContext, hookimpl, plugin_settings
 
 NAME = "example"  # the entry point's name in pyproject.toml
 

@@ -16,9 +16,7 @@ from pathlib import Path
 
 import click
 
-from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.plugins import plugin_settings
-from loopwright.runtime.types import CheckResult, Decision, ExecResult, Tool
+from loopwright import CheckResult, Decision, ExecResult, Tool, hookimpl, plugin_settings
 
 NO_INPUT = {"type": "object", "properties": {}}
 
