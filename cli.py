@@ -131,6 +131,22 @@ def _plugin_problems(runtime: Runtime, spec) -> list[str]:
 
 
 @main.command()
+@click.option("--name", help="the loop's name (default: <repository>-tests)")
+@click.option("--test", "command", help="the command that runs the tests, when it cannot be found")
+def init(name: str | None, command: str | None) -> None:
+    """Write a first loop for the git repository here: loops/NAME.toml, its tests as the check."""
+    from .runtime.scaffold import ScaffoldError, write_loop
+
+    try:
+        path, found = write_loop(Path.cwd(), name, command)
+    except ScaffoldError as error:
+        fail(str(error))
+    shown = path.relative_to(Path.cwd().resolve())
+    click.echo(f"wrote {shown}: the check is `{found.command}` (found from {found.found})")
+    click.echo(f"next: `loopwright validate {shown}`, then `loopwright run {shown}` (with ANTHROPIC_API_KEY set)")
+
+
+@main.command()
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--replay", "session", metavar="SESSION",
               help="answer from a recorded run (a run id, or a file from `trace RUN --session`) instead of the model")

@@ -281,7 +281,8 @@ def parse_spec_text(text: str, source: str = "<inline spec>") -> LoopSpec:
 
 
 def load_spec(path: str | Path) -> LoopSpec:
-    """Read and validate `loops/NAME.toml`. A relative `workspace.repo` is relative to the file."""
+    """Read and validate `loops/NAME.toml`. A relative `workspace.repo` is relative to the file; without
+    one, the repository is the git repository the file is in (so `loops/NAME.toml` needs no `repo = ".."`)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -290,6 +291,10 @@ def load_spec(path: str | Path) -> LoopSpec:
     except (OSError, UnicodeDecodeError) as error:
         raise SpecError(str(path), [f"cannot read the file: {error}"]) from None
     spec = parse_spec_text(text, str(path))
-    spec.workspace.repo = str((path.parent / spec.workspace.repo).resolve())  # an absolute one stays
+    if "repo" in spec.workspace.model_fields_set:
+        spec.workspace.repo = str((path.parent / spec.workspace.repo).resolve())  # an absolute one stays
+    else:
+        folder = path.parent.resolve()
+        spec.workspace.repo = str(next((p for p in (folder, *folder.parents) if (p / ".git").exists()), folder))
     spec.agent.skills = [str((path.parent / skill).resolve()) for skill in spec.agent.skills]
     return spec

@@ -123,10 +123,10 @@ def model(monkeypatch):
         server.stop()
 
 
-def loopwright(*args: str, timeout: float = 240, **kwargs) -> subprocess.CompletedProcess:
+def loopwright(*args: str, timeout: float = 240, cwd: Path = ROOT, **kwargs) -> subprocess.CompletedProcess:
     """Run the real `loopwright` command in a new process."""
     return subprocess.run(
-        [*LOOPWRIGHT, *args], cwd=ROOT, capture_output=True, text=True,
+        [*LOOPWRIGHT, *args], cwd=cwd, capture_output=True, text=True,
         timeout=timeout, **kwargs,
     )
 
