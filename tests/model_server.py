@@ -160,7 +160,7 @@ class ModelServer:
     """
 
     def __init__(self, script: list[Reply] | Callable[[dict], Reply], *, api_key: str = "test-key",
-                 min_cacheable_tokens: int = 0, port: int = 0):
+                 min_cacheable_tokens: int = 0, port: int = 0, record_to: str | None = None):
         self.api_key = api_key
         self.min_cacheable_tokens = min_cacheable_tokens
         self.requests: list[dict] = []
@@ -168,6 +168,7 @@ class ModelServer:
         self.url = ""
         self._script = script if callable(script) else list(script)
         self._port = port
+        self._record_to = record_to  # a file each request body is appended to, one JSON line each
         self._lock = threading.Lock()
         self._cached: set[str] = set()  # digests of cached prefixes
 
@@ -219,6 +220,9 @@ class ModelServer:
         with self._lock:
             self.requests.append(body)
             count = len(self.requests)
+            if self._record_to:
+                with open(self._record_to, "a", encoding="utf-8") as file:
+                    file.write(json.dumps(body) + "\n")
             scripted = self._script.pop(0) if isinstance(self._script, list) and self._script else None
         if scripted is None and not callable(self._script):
             return _error(500, "api_error", f"model server script ran out: request {count} "
@@ -297,11 +301,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0, help="port to bind (default: any free one)")
     parser.add_argument("--api-key", default="test-key")
     parser.add_argument("--min-cacheable-tokens", type=int, default=0)
+    parser.add_argument("--requests", help="append each request's body to this file, one JSON line each")
     args = parser.parse_args(argv)
     with open(args.script) as f:
         script = json.load(f)
     server = ModelServer(script, api_key=args.api_key, min_cacheable_tokens=args.min_cacheable_tokens,
-                         port=args.port).start()
+                         port=args.port, record_to=args.requests).start()
     print(server.url, flush=True)
     try:
         threading.Event().wait()
