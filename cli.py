@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
+    from .runtime.plugins import PluginHost
     from .runtime.service import Runtime
+    from .runtime.spec import LoopSpec
 
 BAD_INPUT = 2
 
@@ -34,15 +36,15 @@ def _is_bad_input(error: Exception) -> bool:
     from .runtime.plugins import PluginError
     from .runtime.service import RunError
     from .runtime.spec import SpecError
-    from .runtime.store import UnknownRun
+    from .runtime.records import UnknownRun
 
     return isinstance(error, (SpecError, ConfigError, PluginError, RunError, UnknownRun))
 
 
-def _runtime() -> Runtime:
+def _runtime(*, read_only: bool = False) -> Runtime:
     from .runtime.service import Runtime
 
-    return Runtime()
+    return Runtime(read_only=read_only)
 
 
 class Group(click.Group):
@@ -91,14 +93,16 @@ def main() -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
     """Check loop specs without running them; report every problem."""
+    from .runtime.config import load_settings
+    from .runtime.plugins import make_plugin_host
     from .runtime.spec import SpecError, load_spec
 
-    runtime = _runtime()
+    host = make_plugin_host(load_settings())  # no store: validating reads no database
     bad = 0
     for file in files:
         try:
             spec = load_spec(file)
-            problems = _plugin_problems(runtime, spec)
+            problems = _plugin_problems(host, spec)
             if problems:
                 raise SpecError(str(file), problems)
         except SpecError as error:
@@ -109,25 +113,24 @@ def validate(files: tuple[Path, ...]) -> None:
     sys.exit(BAD_INPUT if bad else 0)
 
 
-def _plugin_problems(runtime: Runtime, spec) -> list[str]:
+def _plugin_problems(host: PluginHost, spec: LoopSpec) -> list[str]:
     from .runtime.config import ConfigError
     from .runtime.plugins import PluginError
+    from .runtime.trigger_specs import trigger_problems
 
     problems = []
-    lookups = [("agent.kind", runtime.host.agent, spec.agent.kind), ("sandbox.kind", runtime.host.sandbox, spec.sandbox.kind)]
-    lookups += [(f"verify[{i}].kind", runtime.host.verifier, c.kind) for i, c in enumerate(spec.verify)]
+    lookups = [("agent.kind", host.agent, spec.agent.kind), ("sandbox.kind", host.sandbox, spec.sandbox.kind)]
+    lookups += [(f"verify[{i}].kind", host.verifier, c.kind) for i, c in enumerate(spec.verify)]
     for field, lookup, kind in lookups:
         try:
             lookup(kind)
         except PluginError as error:
             problems.append(f"{field}: {error}")
     try:
-        runtime.settings.price(spec.agent.model)
+        host.settings.price(spec.agent.model)
     except ConfigError as error:
         problems.append(f"agent.model: {error}")
-    from .runtime.automations import trigger_problems
-
-    return problems + trigger_problems(runtime.host, spec)
+    return problems + trigger_problems(host, spec)
 
 
 @main.command()
@@ -155,7 +158,7 @@ def run(file: Path, session: str | None) -> None:
     from .runtime.spec import SpecError, load_spec
 
     spec = load_spec(file)
-    problems = _plugin_problems(runtime := _runtime(), spec)
+    problems = _plugin_problems((runtime := _runtime()).host, spec)
     if problems:
         raise SpecError(str(file), problems)
     recorded = None
@@ -252,7 +255,7 @@ def _iteration_line(runtime: Runtime, run_id: str, event: dict[str, Any]) -> str
 @click.option("--json", "as_json", is_flag=True)
 def runs(loop: str | None, status: str | None, as_json: bool) -> None:
     """List runs, newest first."""
-    runtime = _runtime()
+    runtime = _runtime(read_only=True)
     found = runtime.list_runs(loop, status)
     if as_json:
         click.echo(json.dumps([runtime.status(r.id).to_dict() for r in found], indent=2))
@@ -268,7 +271,7 @@ def runs(loop: str | None, status: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True)
 def status(run_id: str, as_json: bool) -> None:
     """A run's status, spend, tokens and last verdict."""
-    s = _runtime().status(run_id)
+    s = _runtime(read_only=True).status(run_id)
     if as_json:
         click.echo(json.dumps(s.to_dict(), indent=2))
         return

@@ -36,7 +36,7 @@ from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, Res
 from mcp.shared.exceptions import MCPError
 
 from loopwright.runtime.service import Runtime
-from loopwright.runtime.store import UnknownRun
+from loopwright.runtime.records import UnknownRun
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from loopwright.runtime.config import ConfigError
 from loopwright.runtime.plugins import PluginError
 from loopwright.runtime.service import RunError, Runtime
 from loopwright.runtime.spec import SpecError, load_spec, parse_spec, parse_spec_text
-from loopwright.runtime.store import UnknownRun
+from loopwright.runtime.records import UnknownRun
 
 from .resources import RunResources
 
@@ -188,15 +188,16 @@ def serve_stdio(loops_dir: Path | None = None) -> None:
     # The durable executor starts beside the server, not before it: a client lists the tools at once
     # (Claude Code in -p mode sends its first request without waiting long). A run started meanwhile
     # is queued, and taken when the executor is up.
+    loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
+    server = build_server(runtime, loops)
     launcher = None
     if runtime.running_daemon() is None:
         launcher = threading.Thread(target=runtime.launch, name="loopwright-launch", daemon=True)
         launcher.start()
-    loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
     # A client ends the server with SIGTERM: exit normally so this process's sandboxes are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        build_server(runtime, loops).run("stdio")
+        server.run("stdio")
     finally:
         if launcher is not None:
             launcher.join()

@@ -36,8 +36,9 @@ import sqlalchemy as sa
 from .config import ConfigError
 from .plugins import PluginError, PluginHost
 from .service import RunError, Runtime
-from .spec import LoopSpec, SpecError, TriggerSpec, load_spec
+from .spec import LoopSpec, SpecError, load_spec
 from .store import Store, automations as automations_table, firings, runs
+from .trigger_specs import Automation, AutomationError, build_automation
 from .types import Outcome, RunInfo, WebhookRequest
 
 if TYPE_CHECKING:
@@ -56,10 +57,6 @@ QUOTA_ERROR = re.compile(r"\b429\b|rate[ _-]?limit|quota", re.IGNORECASE)
 START_ERRORS = (RunError, SpecError, ConfigError, PluginError)
 
 
-class AutomationError(Exception):
-    """A trigger that cannot work; the message says which setting and what was expected."""
-
-
 def clock() -> datetime:
     """Now, in UTC: the automations' only clock (budgets, schedules, webhook timestamps)."""
     path = os.environ.get(CLOCK_FILE_ENV)
@@ -69,28 +66,6 @@ def clock() -> datetime:
         except (OSError, ValueError):
             pass
     return datetime.now(timezone.utc)
-
-
-@dataclass
-class Automation:
-    """One `[[trigger]]` of one loop, built by its kind's factory."""
-
-    loop: str
-    name: str
-    kind: str
-    file: Path
-    spec: LoopSpec
-    trigger_spec: TriggerSpec
-    trigger: Any
-    plugin: str
-
-    @property
-    def id(self) -> str:
-        return f"{self.loop}/{self.name}"
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        return self.trigger_spec.model_dump(mode="json", exclude_none=True)
 
 
 @dataclass
@@ -105,32 +80,6 @@ class Fired:
 
 
 # --- building triggers from loop specs -------------------------------------------------------------
-
-
-def build_automation(host: PluginHost, spec: LoopSpec, file: Path, index: int) -> Automation:
-    trigger_spec = spec.trigger[index]
-    name = spec.trigger_names()[index]
-    try:
-        factory = host.automation(trigger_spec.kind)
-        plugin = host.registries["automations"][trigger_spec.kind].plugin
-    except PluginError as error:
-        raise AutomationError(str(error)) from None
-    try:
-        trigger = factory(trigger_spec)
-    except (ValueError, TypeError, KeyError) as error:
-        raise AutomationError(str(error).strip("'\"")) from None
-    return Automation(spec.name, name, trigger_spec.kind, file, spec, trigger_spec, trigger, plugin)
-
-
-def trigger_problems(host: PluginHost, spec: LoopSpec) -> list[str]:
-    """One line per trigger whose kind is unknown or whose settings are wrong (for `loopwright validate`)."""
-    problems = []
-    for index, name in enumerate(spec.trigger_names()):
-        try:
-            build_automation(host, spec, Path(), index)
-        except AutomationError as error:
-            problems.append(f"trigger[{index}] ({name}): {error}")
-    return problems
 
 
 def load_automations(host: PluginHost, files: list[Path]) -> tuple[list[Automation], list[str]]:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
 from .plugins import PluginHost, make_plugin_host
-from .store import Run, Store, new_run_id
+from .records import Run, new_run_id
+from .sqlite_reads import reads_for
 
 log = logging.getLogger(__name__)
 if TYPE_CHECKING:
@@ -79,14 +80,26 @@ class RunStatus:
 class Runtime:
     """One per process. Read-only use needs no launch; executing runs needs `launch()`."""
 
-    def __init__(self, settings: Settings | None = None, host: PluginHost | None = None):
+    def __init__(self, settings: Settings | None = None, host: PluginHost | None = None, *, read_only: bool = False):
+        """`read_only`: only reading runs (`status`, `list_runs`); a local SQLite store is then read without
+        SQLAlchemy, so that `loopwright runs` and `status` answer at once."""
         self.settings = settings or load_settings()
-        self.store = Store(self.settings.database_url)
+        self._store: Any = read_only and reads_for(self.settings.database_url) or None
         self._host = host
-        self._host_lock = threading.Lock()
+        self._host_lock = threading.RLock()  # guards the lazily made host and store
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
         self.launched = False
         self._client: Any = None
+
+    @property
+    def store(self) -> Any:
+        """The runs database (made at first use: an MCP server answers its client before it needs it)."""
+        with self._host_lock:
+            if self._store is None:
+                from .store import Store  # here: SQLAlchemy takes a while to import
+
+                self._store = Store(self.settings.database_url)
+        return self._store
 
     @property
     def host(self) -> PluginHost:

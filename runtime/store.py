@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import secrets
 import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import sqlalchemy as sa
+
+from .records import Run, Totals, UnknownRun, approval_from_row, new_run_id, run_from_row
+
+__all__ = ["Run", "Store", "Totals", "UnknownRun", "new_run_id"]  # the records, for those who read them from here
 
 metadata = sa.MetaData()
 
@@ -131,62 +132,6 @@ firings = sa.Table(
 )
 
 
-class UnknownRun(LookupError):
-    def __init__(self, run_id: str):
-        super().__init__(f"no run with id {run_id!r}: list runs with `loopwright runs` or the list_runs tool")
-
-
-def new_run_id() -> str:
-    return f"{datetime.now(timezone.utc):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
-
-
-@dataclass
-class Run:
-    id: str
-    loop: str
-    spec: dict[str, Any]
-    status: str
-    reason: str
-    iteration: int
-    repo: str
-    branch: str
-    worktree: str
-    base_commit: str
-    commit_sha: str
-    last_verdict: dict[str, Any] | None
-    stop_requested: bool
-    pause_requested: bool
-    paused_s: float
-    stall_count: int
-    spent_usd: float
-    owner: str
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-
-    @property
-    def finished(self) -> bool:
-        return self.finished_at is not None
-
-
-@dataclass
-class Totals:
-    cost_usd: float
-    input_tokens: int
-    output_tokens: int
-    cache_write_tokens: int
-    cache_read_tokens: int
-    model_calls: int
-    tool_calls: int
-
-
-def _row_to_run(row: Any) -> Run:
-    data = dict(row._mapping)
-    data["spec"] = json.loads(data["spec"])
-    data["last_verdict"] = json.loads(data["last_verdict"]) if data["last_verdict"] else None
-    return Run(**data)
-
-
 class Store:
     def __init__(self, url: str):
         kwargs: dict[str, Any] = {}
@@ -215,7 +160,7 @@ class Store:
             row = db.execute(runs.select().where(runs.c.id == run_id)).first()
         if row is None:
             raise UnknownRun(run_id)
-        return _row_to_run(row)
+        return run_from_row(row._mapping)
 
     def list_runs(self, loop: str | None = None, status: str | None = None, limit: int = 50) -> list[Run]:
         query = runs.select().order_by(runs.c.created_at.desc()).limit(limit)
@@ -224,7 +169,7 @@ class Store:
         if status:
             query = query.where(runs.c.status == status)
         with self.engine.connect() as db:
-            return [_row_to_run(row) for row in db.execute(query)]
+            return [run_from_row(row._mapping) for row in db.execute(query)]
 
     def update_run(self, run_id: str, **values: Any) -> None:
         if "last_verdict" in values and isinstance(values["last_verdict"], dict):
@@ -247,7 +192,7 @@ class Store:
     def get_approval(self, approval_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as db:
             row = db.execute(approvals.select().where(approvals.c.id == approval_id)).first()
-        return _approval(row) if row else None
+        return approval_from_row(row._mapping) if row else None
 
     def list_approvals(self, run_id: str | None = None, pending_only: bool = True) -> list[dict[str, Any]]:
         query = approvals.select().order_by(approvals.c.created_at)
@@ -256,7 +201,7 @@ class Store:
         if pending_only:
             query = query.where(approvals.c.status == "pending")
         with self.engine.connect() as db:
-            return [_approval(row) for row in db.execute(query)]
+            return [approval_from_row(row._mapping) for row in db.execute(query)]
 
     def decide_approval(self, approval_id: str, status: str, note: str = "") -> bool:
         """Record a decision once; False when the approval was no longer pending."""
@@ -321,12 +266,6 @@ class Store:
         ).where(c.run_id == run_id)
         with self.engine.connect() as db:
             return Totals(*db.execute(query).one())
-
-
-def _approval(row: Any) -> dict[str, Any]:
-    data = dict(row._mapping)
-    data["input"] = json.loads(data["input"])
-    return data
 
 
 def _dialect_insert(engine: sa.Engine) -> Any:
