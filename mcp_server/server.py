@@ -6,7 +6,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -190,16 +189,12 @@ def serve_stdio(loops_dir: Path | None = None) -> None:
     # is queued, and taken when the executor is up.
     loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
     server = build_server(runtime, loops)
-    launcher = None
     if runtime.running_daemon() is None:
-        launcher = threading.Thread(target=runtime.launch, name="loopwright-launch", daemon=True)
-        launcher.start()
+        runtime.launch_in_background()
     # A client ends the server with SIGTERM: exit normally so this process's sandboxes are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         server.run("stdio")
     finally:
-        if launcher is not None:
-            launcher.join()
         runtime.shutdown()
 

@@ -9,6 +9,7 @@ host folder mounted. Files move through that mount, never through `docker cp` / 
 from __future__ import annotations
 
 import json
+import shlex
 from typing import Any
 
 from loopwright.runtime.hookspecs import hookimpl
@@ -85,7 +86,7 @@ except OSError as e:
 def _file_op(ctx: ToolContext, request: dict[str, Any]) -> ToolResult:
     # -I: modules in /workspace (the cwd) cannot shadow the ones the program imports; -S: faster start.
     result = ctx.sandbox.run(
-        "python3 -I -S -c " + _shell_quote(FILE_PROGRAM), timeout=ctx.timeout, stdin=json.dumps(request).encode()
+        "python3 -I -S -c " + shlex.quote(FILE_PROGRAM), timeout=ctx.timeout, stdin=json.dumps(request).encode()
     )
     if result.exit_code == 127:
         return ToolResult("the file tools need python3 in the sandbox image, which this image lacks; "
@@ -96,10 +97,6 @@ def _file_op(ctx: ToolContext, request: dict[str, Any]) -> ToolResult:
     if "error" in answer:
         return ToolResult(answer["error"], is_error=True)
     return ToolResult(answer["content"])
-
-
-def _shell_quote(text: str) -> str:
-    return "'" + text.replace("'", "'\"'\"'") + "'"
 
 
 def run_command(ctx: ToolContext, args: dict[str, Any]) -> ToolResult:

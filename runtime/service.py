@@ -87,6 +87,8 @@ class Runtime:
         self._store: Any = read_only and reads_for(self.settings.database_url) or None
         self._host = host
         self._host_lock = threading.RLock()  # guards the lazily made host and store
+        self._launching: threading.Thread | None = None
+        self._launch_error: BaseException | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
         self.launched = False
         self._client: Any = None
@@ -140,6 +142,24 @@ class Runtime:
         if take_work:
             self.recover_orphaned_runs()
 
+    def launch_in_background(self) -> None:
+        """`launch()` in a thread, so that an MCP server answers its client meanwhile. Whatever needs the
+        durable executor or its tables (starting, steering, waking a run) waits for it first."""
+        def launch() -> None:
+            try:
+                self.launch()
+            except BaseException as error:  # re-raised by wait_launched, in the thread that needs it
+                self._launch_error = error
+
+        self._launching = threading.Thread(target=launch, name="loopwright-launch", daemon=True)
+        self._launching.start()
+
+    def wait_launched(self) -> None:
+        if self._launching is not None:
+            self._launching.join()
+            if self._launch_error is not None:
+                raise self._launch_error
+
     def recover_orphaned_runs(self) -> list[str]:
         """Runs whose owning process died continue here, from their last finished step."""
         from dbos import DBOS
@@ -178,6 +198,7 @@ class Runtime:
         twice yields one run: the row and the durable workflow are both keyed by it); `trigger` says
         what started the run, recorded as the first event of its trace; `replay`, a recorded session
         (runtime/replay.py) whose answers the run gets instead of calling the model."""
+        self.wait_launched()
         if here and not self.launched:
             raise RunError("this process does not execute runs; call launch() first")
         self.preflight(spec, replay=replay is not None)
@@ -208,6 +229,8 @@ class Runtime:
             DBOS.start_workflow(run_workflow, run_id)
 
     def shutdown(self) -> None:
+        if self._launching is not None:
+            self._launching.join()
         if self._client is not None:
             self._client.destroy()
             self._client = None
@@ -266,9 +289,11 @@ class Runtime:
         self._dbos_client().send(run_id, message, CONTROL_TOPIC)
 
     def _dbos_client(self) -> Any:
-        """Talks to the durable store without executing anything (no launch needed)."""
+        """Talks to the durable store without executing anything (no launch needed, but one under way
+        must finish: it makes the tables)."""
         from dbos import DBOSClient
 
+        self.wait_launched()
         if self._client is None:
             self._client = DBOSClient(system_database_url=self.settings.database_url)
         return self._client
