@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ConfigError": "runtime.config",
     "hookimpl": "runtime.hookspecs",
-    "plugin_settings": "runtime.plugins",
+    "plugin_settings": "runtime.plugin_host",
     "AgentSpec": "runtime.spec", "LoopSpec": "runtime.spec", "VerifySpec": "runtime.spec",
     **{name: "runtime.types" for name in (
         "CheckResult", "Decision", "ExecResult", "Outcome", "RunInfo", "Sandbox", "Tool", "ToolCall", "ToolContext",
@@ -25,10 +25,10 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for type checkers and editors; at run time, __getattr__ below
     from .runtime.config import ConfigError
     from .runtime.hookspecs import hookimpl
-    from .runtime.plugins import plugin_settings
+    from .runtime.plugin_host import plugin_settings
     from .runtime.spec import AgentSpec, LoopSpec, VerifySpec
     from .runtime.types import (
         CheckResult, Decision, ExecResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult,

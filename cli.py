@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from .runtime.plugins import PluginHost
+    from .runtime.plugin_host import PluginHost
     from .runtime.service import Runtime
     from .runtime.spec import LoopSpec
 
@@ -33,7 +33,7 @@ def fail(message: str, code: int = BAD_INPUT) -> None:
 def _is_bad_input(error: Exception) -> bool:
     """A malformed spec, bad settings, a broken plugin, a request the runtime refuses, an unknown run."""
     from .runtime.config import ConfigError
-    from .runtime.plugins import PluginError
+    from .runtime.plugin_host import PluginError
     from .runtime.service import RunError
     from .runtime.spec import SpecError
     from .runtime.records import UnknownRun
@@ -66,7 +66,7 @@ class Group(click.Group):
             return
         Group._plugins_loaded = True
         from .runtime.config import load_settings
-        from .runtime.plugins import make_plugin_host
+        from .runtime.plugin_host import make_plugin_host
 
         try:
             make_plugin_host(load_settings()).pm.hook.loopwright_register_commands(cli=self)
@@ -94,7 +94,7 @@ def main() -> None:
 def validate(files: tuple[Path, ...]) -> None:
     """Check loop specs without running them; report every problem."""
     from .runtime.config import load_settings
-    from .runtime.plugins import make_plugin_host
+    from .runtime.plugin_host import make_plugin_host
     from .runtime.spec import SpecError, load_spec
 
     host = make_plugin_host(load_settings())  # no store: validating reads no database
@@ -115,7 +115,7 @@ def validate(files: tuple[Path, ...]) -> None:
 
 def _plugin_problems(host: PluginHost, spec: LoopSpec) -> list[str]:
     from .runtime.config import ConfigError
-    from .runtime.plugins import PluginError
+    from .runtime.plugin_host import PluginError
     from .runtime.trigger_specs import trigger_problems
 
     problems = []

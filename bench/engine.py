@@ -33,7 +33,7 @@ from dbos import DBOS  # noqa: E402
 
 from loopwright.runtime.config import load_settings  # noqa: E402
 from loopwright.runtime.hookspecs import hookimpl  # noqa: E402
-from loopwright.runtime.plugins import make_plugin_host  # noqa: E402
+from loopwright.runtime.plugin_host import make_plugin_host  # noqa: E402
 from loopwright.runtime.service import Runtime  # noqa: E402
 from loopwright.runtime.spec import parse_spec  # noqa: E402
 from loopwright.runtime.types import ExecResult, Tool  # noqa: E402

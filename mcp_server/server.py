@@ -14,7 +14,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
 from loopwright.runtime.config import ConfigError
-from loopwright.runtime.plugins import PluginError
+from loopwright.runtime.plugin_host import PluginError
 from loopwright.runtime.service import RunError, Runtime
 from loopwright.runtime.spec import SpecError, load_spec, parse_spec, parse_spec_text
 from loopwright.runtime.records import UnknownRun

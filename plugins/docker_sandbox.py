@@ -16,7 +16,7 @@ import click
 
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.plugins import plugin_settings
+from loopwright.runtime.plugin_host import plugin_settings
 from loopwright.sandbox import DockerSandbox, PoolKey, SandboxPool, default_image, reap_orphans
 
 if TYPE_CHECKING:

@@ -34,7 +34,7 @@ import anyio
 import sqlalchemy as sa
 
 from .config import ConfigError
-from .plugins import PluginError, PluginHost
+from .plugin_host import PluginError, PluginHost
 from .service import RunError, Runtime
 from .spec import LoopSpec, SpecError, load_spec
 from .store import Store, automations as automations_table, firings, runs

@@ -16,7 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     from contextlib import AsyncExitStack
 
-    from .plugins import PluginHost
+    from .plugin_host import PluginHost
     from .types import Decision, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolResult, Verdict
 
 PROJECT = "loopwright"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Settings, load_settings
-from .plugins import PluginHost, make_plugin_host
+from .plugin_host import PluginHost, make_plugin_host
 from .records import Run, new_run_id
 from .sqlite_reads import reads_for
 

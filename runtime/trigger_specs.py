@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .plugins import PluginError
+from .plugin_host import PluginError
 
 if TYPE_CHECKING:
-    from .plugins import PluginHost
+    from .plugin_host import PluginHost
     from .spec import LoopSpec, TriggerSpec
 
 

@@ -20,7 +20,7 @@ from loopwright.runtime.store import Store
 ABSTAINS = '''
 from pathlib import Path
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.plugins import plugin_settings
+from loopwright.runtime.plugin_host import plugin_settings
 
 @hookimpl(tryfirst=True)  # asked before the plugin that denies
 async def loopwright_before_tool_call(run, call):

@@ -15,7 +15,7 @@ import pytest
 
 from loopwright.runtime import hookspecs
 from loopwright.runtime.config import Settings
-from loopwright.runtime.plugins import make_plugin_host
+from loopwright.runtime.plugin_host import make_plugin_host
 
 TESTS = Path(__file__).resolve().parent
 DOCS = TESTS.parent / "docs" / "plugins.md"

@@ -11,7 +11,7 @@ from loopwright.plugins.memory.store import KvStore, add_note
 from loopwright.runtime.config import load_settings
 from loopwright.runtime.context import newest_within, opening_message
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.plugins import make_plugin_host
+from loopwright.runtime.plugin_host import make_plugin_host
 from loopwright.runtime.spec import parse_spec
 from loopwright.runtime.store import Store, memory_notes
 from loopwright.runtime.types import CheckResult, RunInfo, Verdict
