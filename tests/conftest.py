@@ -144,10 +144,10 @@ def run_id_of(result: subprocess.CompletedProcess) -> str:
     return started[0].split()[1]
 
 
-def wait_for(condition, timeout: float = 60):
-    """Poll until `condition()` is truthy (and return it); a bounded wait, not a timing assertion."""
+def wait_for(condition, what: str = "the condition holds", timeout: float = 60, poll: float = 0.1):
+    """Poll until `condition()` is truthy (and return it); the suite's one bounded wait, not a timing assertion."""
     deadline = time.monotonic() + timeout
     while not (value := condition()):
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(poll)
     return value

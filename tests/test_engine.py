@@ -3,9 +3,8 @@
 import json
 import socket
 import subprocess
-import time
 
-from conftest import FIX, LOOPWRIGHT, loopwright, run_id_of, trace, write_spec
+from conftest import FIX, LOOPWRIGHT, loopwright, run_id_of, trace, wait_for, write_spec
 from model_server import error, text, tool_use
 
 
@@ -136,7 +135,7 @@ def test_a_person_stops_a_running_loop_from_another_process(home, project, model
     spec = write_spec(project, agent={"max_tool_calls": 1000})
     process = subprocess.Popen([*LOOPWRIGHT, "run", str(spec)], stdout=subprocess.PIPE, text=True)
     run_id = process.stdout.readline().split()[1]
-    time.sleep(3)
+    wait_for(lambda: any(e["kind"] == "tool_call" for e in trace(run_id)), "the loop is calling tools")
     stop = loopwright("stop", run_id)
     assert stop.returncode == 0 and "stop requested" in stop.stdout
     assert process.wait(timeout=60) == 1

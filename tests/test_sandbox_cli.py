@@ -9,20 +9,12 @@ import anyio
 import pytest
 from mcp import Client
 
-from conftest import LOOPWRIGHT, loopwright, write_spec
+from conftest import LOOPWRIGHT, loopwright, wait_for, write_spec
 from model_server import text, tool_use
 from loopwright.runtime.store import Store
 from loopwright.sandbox import list_sandboxes
 from loopwright.runtime.worktree import create_worktree
 from test_mcp_stdio import call, server_params, until_finished
-
-
-def wait_for(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.1)
-    return value
 
 
 def sandboxes_owned_by(pid: int) -> list[dict]:

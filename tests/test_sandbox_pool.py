@@ -2,19 +2,12 @@
 
 import os
 import subprocess
-import time
 
 import pytest
 
+from conftest import wait_for
 from loopwright.sandbox import PoolKey, SandboxPool, list_sandboxes
 from loopwright.runtime.worktree import create_worktree
-
-
-def wait_until(condition, what: str, timeout: float = 60):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def pool_sandboxes() -> list[dict]:
@@ -37,7 +30,7 @@ def key(sandbox_image, tmp_path) -> PoolKey:
 def filled(pool: SandboxPool, key: PoolKey) -> None:
     key.worktrees.mkdir(parents=True, exist_ok=True)
     assert not pool.reserve(key, "first", key.worktrees / "first")  # nothing ready yet: this starts one
-    wait_until(lambda: pool.ready(key) == 1, "the pool has a sandbox ready")
+    wait_for(lambda: pool.ready(key) == 1, "the pool has a sandbox ready")
 
 
 def test_a_warm_sandbox_serves_the_run_whose_worktree_is_made_in_its_folder(pool, key, git_repo):
@@ -49,7 +42,7 @@ def test_a_warm_sandbox_serves_the_run_whose_worktree_is_made_in_its_folder(pool
         assert sb.run("cat README.md; id -u", timeout=20).stdout == "hello\n1000\n"
         assert sb.run("echo new > made-inside.txt", timeout=20).exit_code == 0
         assert (wt.path / "made-inside.txt").read_text() == "new\n"
-        wait_until(lambda: any(s["run_id"] == "warm" and s["id"] == sb.container_id for s in list_sandboxes()),
+        wait_for(lambda: any(s["run_id"] == "warm" and s["id"] == sb.container_id for s in list_sandboxes()),
                    "the container is named after its run")
     finally:
         sb.close()
@@ -58,7 +51,7 @@ def test_a_warm_sandbox_serves_the_run_whose_worktree_is_made_in_its_folder(pool
 def test_the_pool_refills_after_a_run_takes_a_sandbox(pool, key):
     filled(pool, key)
     assert pool.reserve(key, "taken", key.worktrees / "taken")
-    wait_until(lambda: pool.ready(key) == 1, "a new sandbox is ready")
+    wait_for(lambda: pool.ready(key) == 1, "a new sandbox is ready")
     pool.claim("taken", key.worktrees / "taken").close()
 
 
@@ -74,7 +67,7 @@ def test_closing_the_pool_removes_its_idle_sandboxes_and_their_folders(key):
     pool = SandboxPool(size=2)
     key.worktrees.mkdir(parents=True)
     pool.reserve(key, "first", key.worktrees / "first")
-    wait_until(lambda: pool.ready(key) == 2, "two sandboxes are ready")
+    wait_for(lambda: pool.ready(key) == 2, "two sandboxes are ready")
     assert len(pool_sandboxes()) == 2
     pool.close()
     assert pool_sandboxes() == []
@@ -88,7 +81,7 @@ def test_a_warm_sandbox_whose_container_dies_serves_the_run_from_a_fresh_one(poo
     sb = pool.claim("revived", wt.path)
     try:
         subprocess.run(["docker", "kill", sb.container_id], check=True, capture_output=True)
-        wait_until(lambda: sb.retired, "the sandbox notices its agent is gone")
+        wait_for(lambda: sb.retired, "the sandbox notices its agent is gone")
         assert sb.run("cat README.md", timeout=20).stdout == "hello\n"  # the run's worktree, in a new container
     finally:
         sb.close()
@@ -106,7 +99,7 @@ def warm_slot(provider, spec, folders, verification: bool) -> None:
     from loopwright.plugins.docker_sandbox import _pool_key
     folders.mkdir(parents=True)
     provider.reserve(run_id="fill", worktree=folders / "fill", spec=spec, verification=verification)
-    wait_until(lambda: provider._pool.ready(_pool_key(spec, folders, verification)) == 1, "a slot is ready")
+    wait_for(lambda: provider._pool.ready(_pool_key(spec, folders, verification)) == 1, "a slot is ready")
 
 
 def test_a_check_gets_a_warm_sandbox_of_its_own_kind_that_ran_nothing(sandbox_image, tmp_path, monkeypatch):
