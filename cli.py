@@ -243,7 +243,8 @@ def _follow(runtime: Runtime, run_id: str) -> str:
 def _iteration_line(runtime: Runtime, run_id: str, event: dict[str, Any]) -> str:
     verdict = event["data"]
     failing = [c for c in verdict["checks"] if not c["passed"]]
-    result = "pass" if not failing else "FAIL " + ", ".join(c["name"] for c in failing)
+    result = "pass" if not failing else "FAIL " + ", ".join(
+        c["name"] + (f" ({c['headline']})" if c.get("headline") else "") for c in failing)
     totals = runtime.store.totals(run_id)
     return (f"iteration {verdict['iteration']}: {result} · spent ${totals.cost_usd:.4f}"
             f" · {totals.model_calls} model calls, {totals.tool_calls} tool calls")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import xml.etree.ElementTree as ElementTree
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from loopwright.runtime.context import truncate
@@ -78,6 +79,16 @@ def inventory_problems(exit_code: int, tests: dict[str, str] | None, baseline: d
     return problems
 
 
+def headline(result: ExecResult, tests: dict[str, str] | None) -> str:
+    """The result in a few words: the report's counts for pytest ("2 failed, 41 passed"), else how it ended."""
+    if result.timed_out:
+        return "timed out"
+    if tests:
+        counts = Counter(tests.values())
+        return ", ".join(f"{counts[status]} {status}" for status in ("failed", "passed", "skipped") if counts[status])
+    return f"exit code {result.exit_code}"
+
+
 class CommandVerifier:
     def __init__(self, check: VerifySpec):
         self.check = check
@@ -105,8 +116,9 @@ class CommandVerifier:
         result, tests = self._run(ctx)
         output = (result.stdout + ("\n" + result.stderr if result.stderr else "")).strip()
         problems = inventory_problems(result.exit_code, tests, (ctx.baseline or {}).get("tests")) if self.pytest else []
+        summary = headline(result, tests)
         if result.exit_code == 0 and not result.timed_out and not problems:
-            return CheckResult(self.check.label, True)
+            return CheckResult(self.check.label, True, headline=summary)
         if result.timed_out:
             why = f"timed out after {self.check.timeout_s or ctx.run.spec.sandbox.tool_timeout_s:g}s"
         else:
@@ -114,7 +126,7 @@ class CommandVerifier:
         said = "".join(f"\n- {problem}" for problem in problems)
         feedback = f"`{self.check.run}` did not pass ({why}){said}\n{truncate(output, FEEDBACK_LIMIT)}"
         signature = failure_signature(1, said) if result.exit_code == 0 else failure_signature(result.exit_code, output)
-        return CheckResult(self.check.label, False, feedback, signature)
+        return CheckResult(self.check.label, False, feedback, signature, headline=summary)
 
 
 @hookimpl(trylast=True)

@@ -52,7 +52,7 @@ def tool_schemas(schemas: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def memory_line(iteration: int, tried: str, verdict: Verdict) -> str:
-    failing = "; ".join(f"{c.name}: {first_line(c.feedback)}" for c in verdict.failing) or "all passed"
+    failing = "; ".join(f"{c.name}: {c.headline or first_line(c.feedback)}" for c in verdict.failing) or "all passed"
     return f"iteration {iteration}: {tried} -> failed: {failing}"
 
 

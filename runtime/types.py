@@ -125,6 +125,7 @@ class CheckResult:
     feedback: str = ""  # what the maker should read when it failed
     signature: str = ""  # stable fingerprint of the failure, for stall detection
     duration_ms: float = 0.0
+    headline: str = ""  # the result in a few words ("2 failed, 41 passed"): iteration lines, memory, notes
 
 
 @dataclass

@@ -51,6 +51,20 @@ def test_red_then_fixed_succeeds_after_two_iterations_with_the_fix_committed(hom
     assert run["spent_usd"] == round(sum(e["cost_usd"] for e in model_calls), 6)
 
 
+def test_the_iteration_line_and_the_working_memory_carry_the_checks_headline(home, project, model):
+    server = model([text("Not sure yet."), FIX, text("Fixed.")])
+    result = loopwright("run", str(write_spec(project)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    check = "command: python3 -m pytest -q -p no:cacheprovider"
+    assert f"iteration 1: FAIL {check} (2 failed)" in result.stdout  # the test report's counts
+    opening = server.requests[1]["messages"][0]["content"]  # iteration 2 opens with iteration 1's working memory
+    text_of = opening if isinstance(opening, str) else "".join(block.get("text", "") for block in opening)
+    memory = next(line for line in text_of.splitlines() if line.startswith("- iteration 1:"))
+    assert memory.endswith(f"-> failed: {check}: 2 failed")  # the counts, not the wrapper "... did not pass"
+    verdicts = events(run_id_of(result), "verdict")
+    assert [c["headline"] for c in verdicts[-1]["data"]["checks"]] == ["", "2 passed"]  # protected files, the tests
+
+
 def test_tool_calls_run_inside_the_container_not_on_the_host(home, project, model):
     server = model([
         tool_use("run_command", {"command": "id -u; cat /etc/hostname; test -e /.dockerenv && echo in-docker"}),

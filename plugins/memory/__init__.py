@@ -58,7 +58,7 @@ def note_line(iteration: int, summary: str, verdict: Verdict) -> str:
     if verdict.passed:
         result = "all checks passed"
     else:
-        result = "failed: " + "; ".join(f"{c.name}: {first_line(c.feedback, 160)}" for c in verdict.failing)
+        result = "failed: " + "; ".join(f"{c.name}: {c.headline or first_line(c.feedback, 160)}" for c in verdict.failing)
     line = " ".join(f"iteration {iteration}: {summary} -> {result}".split())
     return line if len(line) <= NOTE_LIMIT else line[: NOTE_LIMIT - 3] + "..."
 
