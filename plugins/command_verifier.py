@@ -125,8 +125,12 @@ class CommandVerifier:
             why = f"exit code {result.exit_code}"
         said = "".join(f"\n- {problem}" for problem in problems)
         feedback = f"`{self.check.run}` did not pass ({why}){said}\n{truncate(output, FEEDBACK_LIMIT)}"
-        signature = failure_signature(1, said) if result.exit_code == 0 else failure_signature(result.exit_code, output)
-        return CheckResult(self.check.label, False, feedback, signature, headline=summary)
+        failed = sorted(test for test, status in (tests or {}).items() if status == "failed")
+        if failed or problems:  # the same tests failing is the same failure, whatever the output says
+            signature = failure_signature(1, "\n".join(failed) + said)
+        else:
+            signature = failure_signature(result.exit_code, output)
+        return CheckResult(self.check.label, False, feedback, signature, headline=summary, failures=failed)
 
 
 @hookimpl(trylast=True)

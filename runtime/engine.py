@@ -146,7 +146,8 @@ class LoopRun:
             signatures.append(verdict.signature)
             self.store.update_run(self.id, stall_count=_repeats(signatures))
             if _repeats(signatures) >= limits.stall_after:
-                names = ", ".join(c.name for c in verdict.failing)
+                names = "; ".join(c.name + (f": {', '.join(c.failures[:5])}" if c.failures else "")
+                                  for c in verdict.failing)
                 return Outcome(
                     "stalled", f"stall_after: the same failure ({names}) {limits.stall_after} iterations in a row",
                     iteration,

@@ -126,6 +126,7 @@ class CheckResult:
     signature: str = ""  # stable fingerprint of the failure, for stall detection
     duration_ms: float = 0.0
     headline: str = ""  # the result in a few words ("2 failed, 41 passed"): iteration lines, memory, notes
+    failures: list[str] = field(default_factory=list)  # what failed, by name (test ids), when the check knows
 
 
 @dataclass
