@@ -174,6 +174,7 @@ def run(file: Path, session: str | None) -> None:
         started = runtime.start_run(spec, here=True, replay=recorded)
         click.echo(f"run {started.id} of loop {spec.name} on branch {started.branch} (stop it with: loopwright stop {started.id})")
         status = _follow(runtime, started.id)
+        runtime.wait_executed(started.id)
     finally:
         runtime.shutdown()
     sys.exit(0 if status == "succeeded" else 1)
@@ -200,6 +201,7 @@ def recover(run_id: str | None) -> None:
         for rid in ids:
             click.echo(f"recovering run {rid}")
             statuses.append(_follow(runtime, rid))
+            runtime.wait_executed(rid)
     finally:
         runtime.shutdown()
     sys.exit(0 if all(s == "succeeded" for s in statuses) else 1)

@@ -228,6 +228,16 @@ class Runtime:
         with SetWorkflowID(run_id):
             DBOS.start_workflow(run_workflow, run_id)
 
+    def wait_executed(self, run_id: str) -> None:
+        """Until this process's workflow for the run has ended: a run is marked finished before its last
+        steps (the run-finished hooks, the automations' reaction), and shutting down under them hangs."""
+        from dbos import DBOS
+
+        try:
+            DBOS.retrieve_workflow(run_id).get_result()
+        except Exception:  # the run's outcome is recorded either way; a workflow error is in the trace
+            log.exception("the workflow of run %s ended with an error", run_id)
+
     def shutdown(self) -> None:
         if self._launching is not None:
             self._launching.join()
