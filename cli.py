@@ -228,6 +228,10 @@ def _follow(runtime: Runtime, run_id: str) -> str:
                 seen = event["seq"]
                 if event["kind"] == "verdict":
                     click.echo(_iteration_line(runtime, run_id, event))
+                elif event["kind"] == "approval_requested":
+                    click.echo(_waiting_line(event["data"]))
+                elif event["kind"] == "stall":
+                    click.echo(f"stalled, {event['data']['stage']}: {event['data']['reason']}")
             run = runtime.get_run(run_id)
             if run.finished and not runtime.store.events(run_id, after=seen, limit=1):
                 status = runtime.status(run_id)
@@ -242,13 +246,22 @@ def _follow(runtime: Runtime, run_id: str) -> str:
         signal.signal(signal.SIGINT, previous)
 
 
+def _waiting_line(data: dict[str, Any]) -> str:
+    """A run waits for a person: what for, and the command that answers."""
+    from .runtime.types import STALL_TOOL
+
+    what = "the loop stalled: " + data["input"]["reason"] if data["tool"] == STALL_TOOL else \
+        f"{data['tool']} {json.dumps(data['input'])[:100]}"
+    return (f"waiting for a person ({what}); answer with `loopwright approve {data['approval']}` "
+            f"(--deny to refuse, --note TEXT for the maker)")
+
+
 def _iteration_line(runtime: Runtime, run_id: str, event: dict[str, Any]) -> str:
-    verdict = event["data"]
-    failing = [c for c in verdict["checks"] if not c["passed"]]
-    result = "pass" if not failing else "FAIL " + ", ".join(
-        c["name"] + (f" ({c['headline']})" if c.get("headline") else "") for c in failing)
+    from .runtime.types import Verdict
+
+    verdict = Verdict.from_dict(event["data"])
     totals = runtime.store.totals(run_id)
-    return (f"iteration {verdict['iteration']}: {result} · spent ${totals.cost_usd:.4f}"
+    return (f"iteration {verdict.iteration}: {verdict.headline} · spent ${totals.cost_usd:.4f}"
             f" · {totals.model_calls} model calls, {totals.tool_calls} tool calls")
 
 
@@ -307,6 +320,27 @@ def trace(run_id: str, as_json: bool, as_session: bool) -> None:
         for event in batch:
             seen = event["seq"]
             click.echo(json.dumps(event) if as_json else _event_line(event))
+
+
+@main.command()
+@click.argument("run_id")
+@click.argument("iteration", type=int, required=False)
+def diff(run_id: str, iteration: int | None) -> None:
+    """What a run changed since its base commit, or with ITERATION, what that iteration changed."""
+    from .runtime.worktree import diff_commits
+
+    runtime = _runtime()
+    run = runtime.get_run(run_id)
+    if not run.base_commit:
+        fail(f"run {run_id} has no worktree yet, so nothing to diff")
+    if iteration is None:
+        click.echo(diff_commits(Path(run.repo), run.base_commit, run.commit_sha or run.branch), nl=False)
+        return
+    event = runtime.store.event(run_id, f"{iteration}.commit")
+    if event is None or not event["data"]["commit"]:
+        fail(f"run {run_id} has no commit for iteration {iteration} (it ran {run.iteration} iteration(s))")
+    commit = event["data"]["commit"]
+    click.echo(diff_commits(Path(run.repo), f"{commit}^", commit), nl=False)
 
 
 def _event_line(e: dict[str, Any]) -> str:

@@ -18,6 +18,7 @@ from loopwright.runtime.plugin_host import PluginError
 from loopwright.runtime.service import RunError, Runtime
 from loopwright.runtime.spec import SpecError, load_spec, parse_spec, parse_spec_text
 from loopwright.runtime.records import UnknownRun
+from loopwright.runtime.types import STALL_TOOL
 
 from .resources import RunResources
 
@@ -41,6 +42,16 @@ def _as_tool_errors() -> Iterator[None]:
 
 def _run_summary(runtime: Runtime, run_id: str) -> dict[str, Any]:
     return runtime.status(run_id).to_dict()
+
+
+def _progress_message(runtime: Runtime, run_id: str, summary: dict[str, Any]) -> str:
+    message = f"iteration {summary['iteration']}: {summary['status']}"
+    if summary["status"] == "waiting_approval":
+        for approval in runtime.list_approvals(run_id):
+            what = ("the loop stalled: " + approval["input"]["reason"] if approval["tool"] == STALL_TOOL
+                    else f"tool call {approval['tool']}")
+            message += f"; waiting for a person ({what}): answer approval {approval['id']} with decide_approval"
+    return message
 
 
 def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
@@ -114,16 +125,19 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
     @mcp.tool()
     async def wait_for_run(run_id: str, timeout_s: float = 60, ctx: Context | None = None) -> dict[str, Any]:
         """Block until the run finishes or `timeout_s` passes (at most 600), reporting progress at each
-        iteration; then return what get_run returns. Call again if it is still running."""
+        iteration and when the run starts waiting for a person (the approval to answer with
+        decide_approval); then return what get_run returns. Call again if it is still running."""
         with _as_tool_errors():
             deadline = anyio.current_time() + max(0.0, min(timeout_s, 600.0))
-            reported = -1
+            reported: tuple[int, str] | None = None
+            done = -1.0  # progress must grow: a wait for a person is halfway to the next iteration
             while True:
                 summary = _run_summary(runtime, run_id)
-                if ctx is not None and summary["iteration"] != reported:
-                    reported = summary["iteration"]
-                    await ctx.report_progress(reported, summary["max_iterations"],
-                                              f"iteration {reported}: {summary['status']}")
+                state = (summary["iteration"], summary["status"])
+                if ctx is not None and state != reported and (state[0] > done or state[1] == "waiting_approval"):
+                    reported = state
+                    done = float(state[0]) if state[0] > done else done + (state[0] + 1 - done) / 2
+                    await ctx.report_progress(done, summary["max_iterations"], _progress_message(runtime, run_id, summary))
                 if summary["finished_at"] is not None or anyio.current_time() >= deadline:
                     return summary
                 await anyio.sleep(0.25)
@@ -160,7 +174,8 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
 
     @mcp.tool()
     async def list_approvals(run_id: str | None = None) -> dict[str, Any]:
-        """Tool calls waiting for a person's decision (all runs, or one), with the rule that gated them.
+        """Tool calls waiting for a person's decision (all runs, or one), with the rule that gated them,
+        and stalled loops asking whether to go on (tool "(stall)", the reason in `input`).
         Answer each with decide_approval."""
         with _as_tool_errors():
             return {"approvals": [
@@ -172,7 +187,8 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
     @mcp.tool()
     async def decide_approval(approval_id: str, allow: bool, note: str = "") -> dict[str, Any]:
         """Allow or deny a tool call waiting for approval. The maker reads `note` (e.g. why it was denied,
-        or what to do instead); a denied call is not run and the loop goes on."""
+        or what to do instead); a denied call is not run and the loop goes on. For a stalled loop that
+        asks (tool "(stall)"): allow lets it go on, the maker reading `note` first; deny stops the run."""
         with _as_tool_errors():
             decided = await anyio.to_thread.run_sync(runtime.decide_approval, approval_id, allow, note)
             return {"approval_id": decided["id"], "status": decided["status"], "note": decided["note"]}

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.context import truncate
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.types import CheckResult, VerifyContext
+from loopwright.runtime.types import CheckResult, Failure, VerifyContext
 
 if TYPE_CHECKING:
     from loopwright.runtime.spec import VerifySpec
@@ -89,7 +89,7 @@ def check_result(label: str, model: str, verdict: dict[str, Any]) -> CheckResult
     ]
     failed = [(name, reason) for name, passed, reason in criteria if not passed]
     if not failed and verdict.get("passed") is not False:
-        return CheckResult(label, True)
+        return CheckResult(label, True, headline=f"{len(criteria)} of {len(criteria)} criteria met", score=0.0)
     if not failed:
         failed = [("overall", "the reviewer rejected the change without naming a failed criterion")]
     lines = [f"The reviewer ({model}) found {len(failed)} of {max(len(criteria), 1)} rubric criteria not met: "
@@ -99,7 +99,9 @@ def check_result(label: str, model: str, verdict: dict[str, Any]) -> CheckResult
     if passed:
         lines.append("Met: " + "; ".join(passed))
     signature = hashlib.sha1("\n".join(sorted(name.lower() for name, _ in failed)).encode()).hexdigest()[:12]
-    return CheckResult(label, False, "\n".join(lines), signature)
+    return CheckResult(label, False, "\n".join(lines), signature,
+                       headline=f"{len(failed)} of {max(len(criteria), 1)} criteria not met",
+                       failures=[Failure(name, reason) for name, reason in failed], score=float(len(failed)))
 
 
 class RubricReviewer:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import copy
 from typing import TYPE_CHECKING, Any, Sequence
 
-from .types import Verdict
 
 if TYPE_CHECKING:
+    from .progress import Progress
     from .spec import LoopSpec
 
 CACHE = {"type": "ephemeral"}
@@ -51,9 +51,12 @@ def tool_schemas(schemas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return schemas
 
 
-def memory_line(iteration: int, tried: str, verdict: Verdict) -> str:
+def memory_line(iteration: int, tried: str, progress: Progress) -> str:
+    """One line of the working memory: what the iteration tried, the checks' headlines, and what changed."""
+    verdict = progress.verdicts[-1]
     failing = "; ".join(f"{c.name}: {c.headline or first_line(c.feedback)}" for c in verdict.failing) or "all passed"
-    return f"iteration {iteration}: {tried} -> failed: {failing}"
+    change = progress.summary()
+    return f"iteration {iteration}: {tried} -> failed: {failing}" + (f" ({change})" if change else "")
 
 
 def first_line(text: str, limit: int = 160) -> str:
@@ -79,20 +82,33 @@ def newest_within(title: str, lines: list[str], budget: int, older: int = 0) -> 
     return text if len(text) <= budget else None
 
 
-def opening_message(memory: list[str], verdict: Verdict | None, repeated: int, memory_budget: int = 4000) -> str:
-    if verdict is None:
+def opening_message(memory: list[str], progress: Progress, run_id: str, memory_budget: int = 4000, *,
+                    stalled: str = "", note: str = "", restored: int | None = None) -> str:
+    """The user message an iteration starts with: the working memory, a person's note, then the latest
+    verdict check by check: what changed since the iteration before, then what still fails, in full."""
+    if not progress.verdicts:
         return "Start working toward the goal. The repository is at /workspace."
+    verdict = progress.verdicts[-1]
     title = "# Working memory (earlier iterations)"
     parts = [newest_within(title, [f"- {line}" for line in memory], memory_budget) or title, ""]
+    if note:
+        parts += ["# A person's note (read it first)", note, ""]
     parts.append(f"# Latest verdict (iteration {verdict.iteration}): FAILED")
-    if repeated > 1:
-        parts.append(f"The same failure has now happened {repeated} iterations in a row: try a different approach.")
-    for check in verdict.checks:
-        status = "passed" if check.passed else "FAILED"
-        parts.append(f"\n## {check.name}: {status}")
-        if not check.passed and check.feedback:
-            parts.append(truncate(check.feedback, FEEDBACK_LIMIT))
-    parts.append("\nThe workspace still holds your earlier changes. Fix what failed.")
+    if stalled:
+        parts.append(f"The loop has stalled ({stalled.removeprefix('stall_after: ')}). What you tried does not move "
+                     "the checks: step back, re-read the failures and the code, and try a different approach.")
+    elif progress.streak > 1:
+        parts.append(f"No progress for {progress.streak} iterations in a row: try a different approach.")
+    if restored is not None:
+        parts.append(f"Iteration {verdict.iteration} did worse than iteration {restored}, so its changes were set aside "
+                     f"(keep = \"best\"): the workspace holds iteration {restored}'s tree again.")
+    for change in progress.changes():
+        parts.append("")
+        parts += progress.account(change, run_id)
+        if not change.check.passed and change.check.feedback:
+            parts.append(truncate(change.check.feedback, FEEDBACK_LIMIT))
+    parts.append("\nThe workspace " + ("holds the best tree so far." if restored is not None else
+                                       "still holds your earlier changes.") + " Fix what failed.")
     return "\n".join(parts)
 
 

@@ -23,10 +23,11 @@ import anyio
 from dbos import DBOS
 
 from . import context, replay, verification
+from .progress import Progress
 from . import worktree as worktrees
 from .spec import LoopSpec
 from .types import (
-    CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
+    STALL_TOOL, CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
 )
 
 log = logging.getLogger(__name__)
@@ -130,29 +131,43 @@ class LoopRun:
     async def _iterate(self) -> Outcome:
         maker = self.rt.host.agent(self.spec.agent.kind)(self.spec.agent, self.rt.settings)
         memory: list[str] = []
-        verdict: Verdict | None = None
-        signatures: list[str] = []
+        progress = Progress()
         limits = self.spec.stop
+        stages = list(limits.on_stall)
+        commits: dict[int, str] = {}  # iteration -> the commit of its tree
+        stalled, note, restored = "", "", None
         for iteration in range(1, limits.max_iterations + 1):
             self.info.iteration = iteration
             self.store.update_run(self.id, iteration=iteration)
-            repeated = _repeats(signatures)
-            turn = Turn(self, iteration, context.opening_message(memory, verdict, repeated, self.spec.memory.budget_chars))
+            opening = context.opening_message(memory, progress, self.id, self.spec.memory.budget_chars,
+                                              stalled=stalled, note=note, restored=restored)
+            stalled, note, restored = "", "", None
+            turn = Turn(self, iteration, opening)
             ended_by = await maker.take_turn(turn)
             self._event(f"{iteration}.turn", "turn_end", iteration, {"ended_by": ended_by, "tool_calls": turn.tool_calls})
             verdict = await self._verify(iteration, turn.summary())
+            progress.add(verdict)
+            commits[iteration] = await step(f"commit:{iteration}", self._commit_iteration, iteration, verdict.to_dict())
             if verdict.passed:
                 return Outcome("succeeded", f"all checks passed in iteration {iteration}", iteration)
-            signatures.append(verdict.signature)
-            self.store.update_run(self.id, stall_count=_repeats(signatures))
-            if _repeats(signatures) >= limits.stall_after:
-                names = "; ".join(c.name + (f": {', '.join(c.failures[:5])}" if c.failures else "")
-                                  for c in verdict.failing)
-                return Outcome(
-                    "stalled", f"stall_after: the same failure ({names}) {limits.stall_after} iterations in a row",
-                    iteration,
-                )
-            memory.append(context.memory_line(iteration, turn.summary(), verdict))
+            memory.append(context.memory_line(iteration, turn.summary(), progress))
+            if self.spec.keep == "best" and progress.worse_than_best():
+                assert progress.best is not None
+                restored = progress.best.iteration
+                await step(f"discard:{iteration}", self._discard_iteration, iteration, restored, commits[restored])
+                memory[-1] += f"; set aside (worse than iteration {restored}), the workspace went back to that tree"
+            self.store.update_run(self.id, stall_count=progress.streak)
+            reason = progress.stall(limits.stall_after)
+            if reason is None:
+                continue
+            stage = stages.pop(0) if stages else "stop"
+            if stage == "stop":
+                return Outcome("stalled", reason, iteration)
+            if stage == "ask":
+                note = await self.ask_at_stall(iteration, reason)
+            self._event(f"{iteration}.stall", "stall", iteration, {"reason": reason, "stage": stage, "note": note})
+            stalled = reason
+            progress.restart()
         return Outcome(
             "failed", f"max_iterations: {limits.max_iterations} iterations without passing checks", limits.max_iterations
         )
@@ -336,7 +351,29 @@ class LoopRun:
         return cost
 
     def _commit(self, status: str) -> str | None:
-        return worktrees.commit_all(self._worktree(), f"loopwright: {self.spec.name} run {self.id} ({status})")
+        """The outcome: the branch's last commit (its tree is the final one, changed or not)."""
+        return worktrees.commit_all(self._worktree(), f"loopwright: {self.spec.name} run {self.id} ({status})",
+                                    allow_empty=True)
+
+    def _commit_iteration(self, iteration: int, verdict: dict[str, Any]) -> str | None:
+        """Every iteration's tree is a commit on the run's branch, its verdict in the message."""
+        checks = Verdict.from_dict(verdict)
+        lines = [f"{c.name}: {'pass' if c.passed else 'FAIL'}" + (f" ({c.headline})" if c.headline else "")
+                 for c in checks.checks]
+        message = f"iteration {iteration}: {checks.headline}\n\n" + "\n".join(lines) + f"\n\nLoopwright run {self.id}"
+        sha = worktrees.commit_all(self._worktree(), message, allow_empty=True)
+        self._event(f"{iteration}.commit", "iteration_commit", iteration, {"commit": sha})
+        return sha
+
+    def _discard_iteration(self, iteration: int, best: int, best_commit: str) -> None:
+        """keep = "best": set a worse iteration aside; the worktree goes back to the best iteration's tree."""
+        wt = self._worktree()
+        worktrees.restore_tree(wt, best_commit)
+        sha = worktrees.commit_all(wt, f"iteration {iteration} set aside: back to the tree of iteration {best}\n\n"
+                                       f"keep = \"best\": iteration {iteration} did worse than iteration {best}.",
+                                   allow_empty=True)
+        self._event(f"{iteration}.discard", "iteration_discarded", iteration,
+                    {"best_iteration": best, "restored": best_commit, "commit": sha})
 
     def _automations_react(self, outcome: Outcome) -> None:
         """Chained loops (`after` triggers) start, and a quota error pauses the automation that started the run."""
@@ -395,20 +432,36 @@ class LoopRun:
         await self._wait_for_message(lambda m: m.get("type") == "resume", PAUSE_LIMIT_S)
         await step("resume", self._resume_after, started, "resumed")
 
+    async def _ask_person(self, approval_id: str, tool: str, input: dict[str, Any], rule: str,
+                          timeout: float) -> dict[str, Any]:
+        """Wait durably for a person's decision on an approval: allowed, denied or timed_out, with their note."""
+        started = await step("approval_request", self._request_approval, approval_id, tool, input, rule, timeout)
+        await self._wait_for_message(lambda m: m.get("type") == "approval" and m.get("id") == approval_id, timeout)
+        return await step("approval_resolved", self._resolve_approval, approval_id, started)
+
     async def approve(self, key: str, call: ToolCall, rule: Any) -> ToolResult | None:
         """A gated call waits for a person; None means allowed, else what the maker reads."""
-        approval_id = f"{self.id}.{key}"
-        started = await step("approval_request", self._request_approval, approval_id, call, rule)
-        await self._wait_for_message(
-            lambda m: m.get("type") == "approval" and m.get("id") == approval_id, rule.timeout_s
-        )
-        decision = await step("approval_resolved", self._resolve_approval, approval_id, started)
+        decision = await self._ask_person(f"{self.id}.{key}", call.name, call.input, rule.describe(), rule.timeout_s)
         if decision["status"] == "allowed":
             return None
         if decision["status"] == "timed_out":
             return ToolResult(f"Not run: no person approved this call within {rule.timeout}. Try another way.", True)
         note = f" Their note: {decision['note']}" if decision["note"] else ""
         return ToolResult(f"Not run: a person denied this call.{note}", True)
+
+    async def ask_at_stall(self, iteration: int, reason: str) -> str:
+        """on_stall = "ask": a person allows the run to go on (their note is what the maker reads next) or
+        denies it (the run ends `stalled`); no answer within ask_timeout ends it too."""
+        decision = await self._ask_person(
+            f"{self.id}.{iteration}.stall", STALL_TOOL, {"reason": reason, "iteration": iteration},
+            'on_stall = "ask": allow to continue (the maker reads your note next), deny to stop the run',
+            self.spec.stop.ask_timeout_s,
+        )
+        if decision["status"] == "allowed":
+            return decision["note"] or "A person looked at the stall and lets the loop go on."
+        if decision["status"] == "timed_out":
+            raise StopRun("stalled", f"{reason}; no person answered within {self.spec.stop.ask_timeout}")
+        raise StopRun("stalled", f"{reason}; a person stopped the run" + (f": {decision['note']}" if decision["note"] else ""))
 
     def _set_status(self, status: str, reason: str, event: str, **data: Any) -> float:
         self.store.update_run(self.id, status=status)
@@ -421,10 +474,9 @@ class LoopRun:
                               paused_s=row.paused_s + (time.time() - started))
         self._event(f"{self.info.iteration}.{event}.{time.time():.6f}", event, self.info.iteration, data)
 
-    def _request_approval(self, approval_id: str, call: ToolCall, rule: Any) -> float:
-        self.store.add_approval(approval_id, self.id, call.iteration, call.name, call.input, rule.describe(), rule.timeout_s)
-        return self._set_status("waiting_approval", rule.describe(), "approval_requested",
-                                approval=approval_id, tool=call.name, input=call.input)
+    def _request_approval(self, approval_id: str, tool: str, input: dict[str, Any], rule: str, timeout: float) -> float:
+        self.store.add_approval(approval_id, self.id, self.info.iteration, tool, input, rule, timeout)
+        return self._set_status("waiting_approval", rule, "approval_requested", approval=approval_id, tool=tool, input=input)
 
     def _resolve_approval(self, approval_id: str, started: float) -> dict[str, Any]:
         self.store.decide_approval(approval_id, "timed_out")  # a no-op when a person decided
@@ -439,16 +491,6 @@ class LoopRun:
 
 def _digest(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def _repeats(signatures: list[str]) -> int:
-    """How many iterations in a row, ending with the last, failed the same way."""
-    count = 0
-    for signature in reversed(signatures):
-        if signature != signatures[-1]:
-            break
-        count += 1
-    return count
 
 
 class Turn:

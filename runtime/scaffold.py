@@ -96,7 +96,7 @@ protect = [{protect}]   # an edit here fails the iteration
 max_iterations = 8
 max_cost_usd = 2.0            # checked before every model call
 max_wall_time = "20m"
-stall_after = 3               # the same failure three times in a row
+stall_after = 3               # three iterations in a row without progress
 '''
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 import tomllib
 from pathlib import Path
@@ -78,6 +79,45 @@ class AgentSpec(_Section):
         return self
 
 
+class MetricSpec(_Section):
+    """A figure a `command` check reads from its output: its score. Higher or lower is better; with a
+    `target`, the check passes once the figure reaches it (and the command exits 0)."""
+
+    pattern: str = Field(min_length=1)  # a regular expression; its first group (or the match) is the number
+    better: Literal["lower", "higher"]
+    target: float | None = None
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"not a regular expression: {error}") from None
+        return value
+
+    @field_validator("target")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    def read(self, output: str) -> float | None:
+        """The last figure the pattern finds in ``output``; None when there is none."""
+        found = None
+        for match in re.finditer(self.pattern, output, re.MULTILINE):
+            text = match.group(1) if match.groups() else match.group(0)
+            try:
+                found = float(text)
+            except (TypeError, ValueError):
+                continue
+        return found if found is not None and math.isfinite(found) else None
+
+    def met(self, value: float) -> bool:
+        return self.target is not None and (value >= self.target if self.better == "higher" else value <= self.target)
+
+
 class VerifySpec(BaseModel):
     """One check. `kind` picks the verifier plugin; other keys are that plugin's settings."""
 
@@ -91,6 +131,7 @@ class VerifySpec(BaseModel):
     timeout_s: float | None = Field(None, gt=0)
     model: str | None = None  # kind = "rubric": the reviewer's model
     rubric: str | None = None  # kind = "rubric": what the diff must satisfy
+    metric: MetricSpec | None = None  # kind = "command": the figure the command prints, as the check's score
 
     @model_validator(mode="after")
     def _builtin_kinds(self) -> VerifySpec:
@@ -98,6 +139,8 @@ class VerifySpec(BaseModel):
             raise ValueError("a 'command' check needs 'run', the shell command whose exit code 0 means pass")
         if self.kind == "rubric" and not (self.rubric and self.rubric.strip()):
             raise ValueError("a 'rubric' check needs 'rubric', the criteria the reviewer applies to the diff")
+        if self.metric is not None and self.kind != "command":
+            raise ValueError(f"'metric' belongs to a 'command' check, not a {self.kind!r} one")
         if self.kind in ("command", "rubric") and self.model_extra:
             # Built-in kinds take no other keys, so a typo (e.g. `protcet`) cannot switch a rule off.
             raise ValueError(f"unknown field(s) {', '.join(sorted(self.model_extra))} for a {self.kind!r} check")
@@ -108,11 +151,28 @@ class VerifySpec(BaseModel):
         return self.name or (f"{self.kind}: {self.run}" if self.run else self.kind)
 
 
+StallStage = Literal["hint", "ask", "stop"]
+
+
 class StopSpec(_Section):
     max_iterations: int = Field(10, ge=1, le=10_000)
     max_cost_usd: float = Field(5.0, gt=0)
     max_wall_time: Duration = "30m"
+    # A stall: the checks' best result has not improved for this many iterations (docs/loops.md).
     stall_after: int = Field(3, ge=2, le=1000)
+    # What each stall does, in order: "hint" (tell the maker, give it stall_after more iterations),
+    # "ask" (a person continues the run with a note, or stops it), "stop". Past the last stage: stop.
+    on_stall: list[StallStage] = Field(["stop"], min_length=1, max_length=100)
+    ask_timeout: Duration = "1h"  # an "ask" no person answers by then stops the run
+
+    @field_validator("on_stall", mode="before")
+    @classmethod
+    def _one_stage_or_several(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @property
+    def ask_timeout_s(self) -> float:
+        return parse_duration(self.ask_timeout)
 
     @property
     def wall_time_s(self) -> float:
@@ -187,6 +247,9 @@ class LoopSpec(_Section):
     agent: AgentSpec = AgentSpec()
     verify: list[VerifySpec] = Field(min_length=1)
     stop: StopSpec = StopSpec()
+    # "best": an iteration whose checks do worse than the best so far is set aside, and the next one
+    # starts from the best tree (keep or discard, like autoresearch); "last": every iteration builds on the last.
+    keep: Literal["last", "best"] = "last"
     trigger: list[TriggerSpec] = []
     approval: list[ApprovalRule] = []
     memory: MemorySpec = MemorySpec()

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
 OUTCOMES = ("succeeded", "failed", "stalled", "stopped", "error")
 ACTIVE_STATUSES = ("queued", "running")
+STALL_TOOL = "(stall)"  # the "tool" of an approval that asks a person what to do at a stall (on_stall = "ask")
 
 
 @dataclass
@@ -117,16 +118,36 @@ class Decision:
 
 
 @dataclass
+class Failure:
+    """One thing a check found wrong: a test id, a rule or a criterion, with its first error line."""
+
+    id: str
+    error: str = ""
+
+
+@dataclass
 class CheckResult:
     """One verifier's answer for one iteration."""
 
     name: str
     passed: bool
     feedback: str = ""  # what the maker should read when it failed
-    signature: str = ""  # stable fingerprint of the failure, for stall detection
+    signature: str = ""  # stable fingerprint of the failure: the same one again is no progress
     duration_ms: float = 0.0
-    headline: str = ""  # the result in a few words ("2 failed, 41 passed"): iteration lines, memory, notes
-    failures: list[str] = field(default_factory=list)  # what failed, by name (test ids), when the check knows
+    headline: str = ""  # the result in a few words ("2 failed, 41 passed"): iteration lines, memory, commits
+    failures: list[Failure] = field(default_factory=list)  # what failed, item by item, when the check knows
+    # How good the result is, when the check can say: the failing-test count, a metric read from the
+    # output. `better` says which way is better; a score that gets better is progress (docs/loops.md).
+    score: float | None = None
+    better: Literal["lower", "higher"] = "lower"
+
+    def __post_init__(self) -> None:
+        self.failures = [f if isinstance(f, Failure) else Failure(**f) for f in self.failures]  # from the trace
+
+    @property
+    def knows_items(self) -> bool:
+        """Whether the failures list is complete: a pass, or a failure that named what failed."""
+        return self.passed or bool(self.failures)
 
 
 @dataclass
@@ -145,6 +166,13 @@ class Verdict:
     @property
     def signature(self) -> str:
         return "|".join(f"{c.name}:{c.signature}" for c in self.failing)
+
+    @property
+    def headline(self) -> str:
+        """`pass`, or the failing checks with their headlines."""
+        if self.passed:
+            return "pass"
+        return "FAIL " + ", ".join(c.name + (f" ({c.headline})" if c.headline else "") for c in self.failing)
 
     def to_dict(self) -> dict[str, Any]:
         return {"iteration": self.iteration, "passed": self.passed, "checks": [asdict(c) for c in self.checks]}

@@ -17,8 +17,10 @@ import subprocess
 import tempfile
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterable
+
+from .verification import materialize
 
 AUTHOR_NAME = "Loopwright"
 AUTHOR_EMAIL = "loopwright@localhost"
@@ -200,8 +202,10 @@ def _excludes(wt: Worktree) -> tuple[str, ...]:
     return ("-c", f"core.excludesFile={path}")
 
 
-def commit_all(wt: Worktree, message: str) -> str | None:
-    """Commit everything in the worktree on the run's branch; None when there was nothing to commit.
+def commit_all(wt: Worktree, message: str, allow_empty: bool = False) -> str | None:
+    """Commit everything in the worktree on the run's branch; None when there was nothing to commit
+    (unless ``allow_empty``). A branch whose last commit has this very message and tree is left as it is,
+    so a step that commits and is run again after a crash commits once.
 
     The files are those ``git add -A`` would take, but hashed with ``--no-filters`` and written to the
     tree directly: no clean filter, no hook and no fsmonitor runs, whatever the worktree says.
@@ -225,13 +229,45 @@ def commit_all(wt: Worktree, message: str) -> str | None:
         tree = _git_wt(wt, "write-tree", env=env).stdout.decode().strip()
     head = _git_wt(wt, "rev-parse", f"refs/heads/{wt.branch}").stdout.decode().strip()
     if _git_wt(wt, "rev-parse", f"{head}^{{tree}}").stdout.decode().strip() == tree:
-        return None
+        if not allow_empty:
+            return None
+        if _git_wt(wt, "log", "-1", "--format=%B", head).stdout.decode().strip() == message.strip():
+            return head
     identity = {"GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
                 "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL}
     sha = _git_wt(wt, "commit-tree", tree, "-p", head, "-m", message, env=identity).stdout.decode().strip()
     _git_wt(wt, "update-ref", f"refs/heads/{wt.branch}", sha, head)
     _git_wt(wt, "read-tree", sha)  # the worktree's index follows, so `git status` there shows a clean tree
     return sha
+
+
+def restore_tree(wt: Worktree, commit: str) -> None:
+    """Make the worktree's files those of ``commit``, from the branch's last commit (which the worktree
+    holds): changed files are written from blobs (no checkout, filter or hook runs), files the commit
+    lacks are removed; what is written gets the worktree folder's owner, so the sandbox user can edit it."""
+    head = _git_wt(wt, "rev-parse", f"refs/heads/{wt.branch}").stdout.decode().strip()
+    now, wanted = tree_of(wt, head), tree_of(wt, commit)
+    for path in sorted(set(now) - set(wanted)):
+        target = wt.path / path
+        if target.is_symlink() or target.is_file():
+            target.unlink()
+        for parent in target.parents:  # folders left empty go too
+            if parent == wt.path or any(parent.iterdir()):
+                break
+            parent.rmdir()
+    changed = {path: entry for path, entry in wanted.items() if now.get(path) != entry}
+    materialize(wt.path, changed, read_blobs(wt, (sha for _, sha in changed.values())))
+    owner = wt.path.stat()
+    if os.getuid() == 0 and owner.st_uid != 0:
+        for path in changed:
+            relative = PurePosixPath(path)
+            for part in [relative, *relative.parents][:-1]:  # the file and its folders, not the worktree
+                os.lchown(wt.path / part, owner.st_uid, owner.st_gid)
+
+
+def diff_commits(repo: Path, old: str, new: str) -> str:
+    """``git diff`` between two commits of ``repo`` (no external diff or text conversion runs)."""
+    return _git(Path(repo), "diff", "--no-ext-diff", "--no-textconv", old, new).stdout
 
 
 def remove_worktree(repo: Path, path: Path) -> None:

@@ -69,6 +69,18 @@ def project(tmp_path, sandbox_image) -> Path:
     return repo
 
 
+def git_repository(path: Path, files: dict[str, str]) -> Path:
+    """A new git repository at `path` holding `files` (name -> text) in one commit on main."""
+    path.mkdir()
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_text(content)
+    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
+                 ["-c", "user.name=T", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "start"]):
+        subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True)
+    return path
+
+
 def write_spec(repo: Path, **sections) -> Path:
     """The example's spec with some sections overridden, e.g. stop={"max_iterations": 1}."""
     spec = tomllib.loads((repo / "loop.toml").read_text())

@@ -65,20 +65,6 @@ def test_the_iteration_line_and_the_working_memory_carry_the_checks_headline(hom
     assert [c["headline"] for c in verdicts[-1]["data"]["checks"]] == ["", "2 passed"]  # protected files, the tests
 
 
-def test_the_same_tests_failing_with_different_output_is_a_stall_that_names_them(home, project, model):
-    def breaks_it_with(word):  # a different error message each iteration; the same two tests fail
-        return tool_use("write_file", {"path": "calc.py",
-                                       "content": f"def average(numbers):\n    raise ValueError({word!r})\n"})
-    model([breaks_it_with("apple"), text("Tried."), breaks_it_with("banana"), text("Tried."),
-           breaks_it_with("cherry"), text("Tried.")])
-    result = loopwright("run", str(write_spec(project, stop={"stall_after": 2, "max_iterations": 3})))
-    assert result.returncode == 1
-    run = status(run_id_of(result))
-    assert (run["status"], run["iteration"]) == ("stalled", 2)
-    assert ("tests.test_calc::test_average_of_one_number, tests.test_calc::test_average_of_three_numbers"
-            in run["reason"])
-
-
 def test_tool_calls_run_inside_the_container_not_on_the_host(home, project, model):
     server = model([
         tool_use("run_command", {"command": "id -u; cat /etc/hostname; test -e /.dockerenv && echo in-docker"}),

@@ -5,19 +5,8 @@ import subprocess
 
 import pytest
 
-from conftest import EXAMPLE, FIX, loopwright, run_id_of
+from conftest import EXAMPLE, FIX, git_repository, loopwright, run_id_of
 from model_server import text, tool_use
-
-
-def git_repository(path, files: dict[str, str]):
-    path.mkdir()
-    for name, content in files.items():
-        (path / name).parent.mkdir(parents=True, exist_ok=True)
-        (path / name).write_text(content)
-    for args in (["init", "-q", "-b", "main"], ["add", "-A"],
-                 ["-c", "user.name=T", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "start"]):
-        subprocess.run(["git", "-C", str(path), *args], check=True, capture_output=True)
-    return path
 
 
 def the_example_without_its_loop(tmp_path):

@@ -10,6 +10,7 @@ from model_server import text, tool_use
 from loopwright.plugins.memory.store import KvStore, add_note
 from loopwright.runtime.config import load_settings
 from loopwright.runtime.context import newest_within, opening_message
+from loopwright.runtime.progress import Progress
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.plugin_host import make_plugin_host
 from loopwright.runtime.spec import parse_spec
@@ -117,8 +118,9 @@ def test_newest_within_keeps_the_newest_lines_and_never_exceeds_the_budget(budge
 
 def test_the_working_memory_of_a_long_run_stays_within_the_budget():
     memory = [f"iteration {i}: 2 tool calls (read_file, edit_file) -> failed: tests: 1 failed" for i in range(1, 500)]
-    verdict = Verdict(499, [CheckResult("tests", False, "1 failed", "sig")])
-    message = opening_message(memory, verdict, 1, memory_budget=600)
+    progress = Progress()
+    progress.add(Verdict(499, [CheckResult("tests", False, "1 failed", "sig")]))
+    message = opening_message(memory, progress, "run-1", memory_budget=600)
     working = message.split("\n\n# Latest verdict")[0]
     assert len(working) <= 600
     assert working.endswith(memory[-1]) and "iteration 1: " not in working
