@@ -238,7 +238,7 @@ def _follow(runtime: Runtime, run_id: str) -> str:
                 click.echo(
                     f"{run.status}: {run.reason} · branch {run.branch}"
                     + (f" · commit {run.commit_sha[:10]}" if run.commit_sha else "")
-                    + f" · spent ${status.spent_usd:.4f}"
+                    + f" · spent ${status.spent_usd:.4f} of ${status.max_cost_usd:.2f}"
                 )
                 return run.status
             time.sleep(0.2)
@@ -260,9 +260,12 @@ def _iteration_line(runtime: Runtime, run_id: str, event: dict[str, Any]) -> str
     from .runtime.types import Verdict
 
     verdict = Verdict.from_dict(event["data"])
-    totals = runtime.store.totals(run_id)
-    return (f"iteration {verdict.iteration}: {verdict.headline} · spent ${totals.cost_usd:.4f}"
-            f" · {totals.model_calls} model calls, {totals.tool_calls} tool calls")
+    # Read up to this iteration: the next one's calls may be in the trace already.
+    before, through = runtime.store.totals(run_id, verdict.iteration - 1), runtime.store.totals(run_id, verdict.iteration)
+    cap = runtime.get_run(run_id).spec["stop"]["max_cost_usd"]
+    return (f"iteration {verdict.iteration}: {verdict.headline} · ${through.cost_usd - before.cost_usd:.4f} this iteration"
+            f" ({through.model_calls - before.model_calls} model calls, {through.tool_calls - before.tool_calls} tool calls)"
+            f" · spent ${through.cost_usd:.4f} of ${cap:.2f}")
 
 
 @main.command()
@@ -293,6 +296,8 @@ def status(run_id: str, as_json: bool) -> None:
         return
     click.echo(f"run {s.id} of loop {s.loop}: {s.status}" + (f" ({s.reason})" if s.reason else ""))
     click.echo(f"iteration {s.iteration} of {s.max_iterations} · spent ${s.spent_usd:.4f} of ${s.max_cost_usd:.2f}")
+    for row in s.spend_by_role:
+        click.echo(f"  {row['role']}: {row['model']}, {row['calls']} model calls, ${row['cost_usd']:.4f}")
     click.echo(f"tokens: {s.tokens['input']} in, {s.tokens['output']} out, "
                f"{s.tokens['cache_write']} cache write, {s.tokens['cache_read']} cache read")
     click.echo(f"{s.model_calls} model calls, {s.tool_calls} tool calls · network: {s.network}")
@@ -347,7 +352,7 @@ def _event_line(e: dict[str, Any]) -> str:
     head = f"{_time(e['at'])} #{e['iteration']:<2} {e['kind']:<12}"
     data = e["data"]
     if e["kind"] == "model_call":
-        return (f"{head} {data['model']} {data['stop_reason']} · in {e['input_tokens']} out {e['output_tokens']}"
+        return (f"{head} {data.get('role', 'maker')} {data['model']} {data.get('stop_reason') or ''} · in {e['input_tokens']} out {e['output_tokens']}"
                 f" cache w {e['cache_write_tokens']} r {e['cache_read_tokens']} · ${e['cost_usd']:.5f} · {e['duration_ms']:.0f} ms")
     if e["kind"] == "tool_call":
         args = json.dumps(data["input"])[:80]

@@ -4,7 +4,8 @@ The reviewer gets the goal, the constraints, the rubric and the diff since the r
 nothing the maker said: it judges what the change does, not the maker's account of it. It has its
 own conversation (one model call per check), may use a cheaper or a stronger model than the maker
 (`model`, default claude-haiku-5-5), and must answer through the `submit_verdict` tool: each
-criterion passed or not, with a reason. Its tokens count against the run's budget.
+criterion passed or not, with a reason. Its tokens count against the run's budget, and it makes no call that
+would cross it.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ class RubricReviewer:
             "tool_choice": {"type": "tool", "name": VERDICT_TOOL["name"]},
             "messages": [{"role": "user", "content": review_prompt(ctx, self.check.rubric or "", ctx.diff())}],
         }
+        ctx.check_budget(self.model, request)  # raises BudgetSpent rather than cross max_cost_usd
         with anthropic.Anthropic(max_retries=MAX_RETRIES) as client:
             started = time.monotonic()
             try:

@@ -14,6 +14,7 @@ import logging
 import shutil
 import threading
 import time
+from collections import Counter
 from contextlib import AsyncExitStack
 from dataclasses import asdict
 from pathlib import Path
@@ -23,11 +24,12 @@ import anyio
 from dbos import DBOS
 
 from . import context, replay, verification
+from .budget import Budget
 from .progress import Progress
 from . import worktree as worktrees
 from .spec import LoopSpec
 from .types import (
-    STALL_TOOL, CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
+    STALL_TOOL, BudgetSpent, CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
 )
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ class LoopRun:
         self.system_sections: list[str] = []
         self.pins: dict[str, str] = {}  # the oracle's files at the base commit: path -> blob sha
         self.baselines: dict[str, str] = {}  # check index -> file holding its verifier's baseline
+        self.budget = Budget()  # what the next model call will cost (runtime/budget.py)
         replaying = self.store.event(run_id, "replay")
         self.replay: dict[str, Any] | None = replaying["data"] if replaying else None  # runtime/replay.py
         self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
@@ -139,7 +142,7 @@ class LoopRun:
         for iteration in range(1, limits.max_iterations + 1):
             self.info.iteration = iteration
             self.store.update_run(self.id, iteration=iteration)
-            opening = context.opening_message(memory, progress, self.id, self.spec.memory.budget_chars,
+            opening = context.opening_message(memory, progress, self.id, self.spec.memory.working_chars,
                                               stalled=stalled, note=note, restored=restored)
             stalled, note, restored = "", "", None
             turn = Turn(self, iteration, opening)
@@ -173,7 +176,10 @@ class LoopRun:
         )
 
     async def _verify(self, iteration: int, summary: str) -> Verdict:
-        checks = [CheckResult(**c) for c in await step("verify", self._verify_copy, iteration)]
+        try:
+            checks = [CheckResult(**c) for c in await step("verify", self._verify_copy, iteration)]
+        except BudgetSpent as spent:  # a checker's model call would have crossed max_cost_usd
+            raise StopRun("failed", spent.reason) from None
         verdict = Verdict(iteration, checks)
         self.store.update_run(self.id, last_verdict=verdict.to_dict())
         self._event(f"{iteration}.verdict", "verdict", iteration, verdict.to_dict())
@@ -238,11 +244,23 @@ class LoopRun:
     def _context(self, iteration: int, index: int, sandbox: Sandbox, changed: list[str],
                  diff: Callable[[], str]) -> VerifyContext:
         baseline = self.baselines.get(str(index))
-        return VerifyContext(
-            self.info, sandbox, iteration, changed, diff,
-            lambda model, usage, ms: self._record_model_call(f"{iteration}.check.{index}.model", iteration, model, usage, ms),
-            json.loads(Path(baseline).read_text()) if baseline else None,
-        )
+        calls = iter(range(1, 1_000_000))
+        sent: dict[str, Any] = {}  # the request a checker is about to send, so its usage teaches the estimate
+
+        def check_budget(model: str, request: dict[str, Any]) -> None:
+            cost = self.budget.estimate(self.rt.settings.price(model), model, request)
+            if reason := self.over_budget(self.store.get_run(self.id).spent_usd, cost, "check's model call"):
+                raise BudgetSpent(reason)
+            sent[model] = request
+
+        def record(model: str, usage: dict[str, Any], ms: float) -> float:
+            if model in sent:
+                self.budget.sent(model, sent.pop(model), usage)
+            key = f"{iteration}.check.{index}.model" + (f".{n}" if (n := next(calls)) > 1 else "")
+            return self._record_model_call(key, iteration, model, usage, ms, {"role": "reviewer", "check": self.spec.verify[index].label})
+
+        return VerifyContext(self.info, sandbox, iteration, changed, diff, record,
+                             json.loads(Path(baseline).read_text()) if baseline else None, check_budget)
 
     def _baseline(self) -> dict[str, str]:
         """Run each verifier's `baseline` once on the base commit's tree (the test inventory); kept in files."""
@@ -339,9 +357,10 @@ class LoopRun:
         return asdict(result)
 
     def _record_model_call(self, key: str, iteration: int, model: str, usage: dict[str, Any], duration_ms: float,
-                           data: dict[str, Any] | None = None) -> float:
-        """Trace a model call with its tokens and cost; the cost counts against max_cost_usd."""
-        cost = self.rt.settings.cost(model, usage)
+                           data: dict[str, Any], cost: float | None = None) -> float:
+        """Trace a model call with its tokens and cost (priced from the usage unless given); the cost counts
+        against max_cost_usd. `data` names the call's role ("maker", "reviewer") and what else the trace keeps."""
+        cost = self.rt.settings.cost(model, usage) if cost is None else cost
         self._event(
             key, "model_call", iteration, {"model": model, **(data or {})},
             input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
@@ -394,8 +413,9 @@ class LoopRun:
     def _event(self, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> None:
         self.store.add_event(self.id, key, kind, iteration, data, **numbers)
 
-    def stop_reason(self) -> tuple[str, str] | None:
-        """The stop rules checked before each model call: a person, the wall clock, the budget.
+    def stop_reason(self, next_cost: float = 0.0, what: str = "model call") -> tuple[str, str] | None:
+        """The stop rules checked before each model call: a person, the wall clock, the budget (what the run
+        spent, plus `next_cost`, the estimate of the call about to start: runtime/budget.py).
         A pause request answers ("paused", ...): the run waits, then checks again."""
         row = self.store.get_run(self.id)
         if row.stop_requested:
@@ -406,9 +426,17 @@ class LoopRun:
         elapsed = time.time() - (row.started_at or row.created_at) - row.paused_s
         if elapsed >= limits.wall_time_s:
             return ("failed", f"max_wall_time: ran {elapsed:.0f}s, the limit is {limits.max_wall_time}")
-        spent = row.spent_usd
-        if spent >= limits.max_cost_usd:
-            return ("failed", f"max_cost_usd: spent ${spent:.4f} of ${limits.max_cost_usd:.2f}")
+        if reason := self.over_budget(row.spent_usd, next_cost, what):
+            return ("failed", reason)
+        return None
+
+    def over_budget(self, spent: float, next_cost: float, what: str) -> str | None:
+        """Why a call estimated at `next_cost` may not start, or None when the budget allows it."""
+        cap = self.spec.stop.max_cost_usd
+        if spent >= cap:
+            return f"max_cost_usd: spent ${spent:.4f} of ${cap:.2f}"
+        if spent + next_cost > cap:
+            return f"max_cost_usd: spent ${spent:.4f} of ${cap:.2f}, and the next {what} would cost about ${next_cost:.4f}"
         return None
 
 
@@ -514,18 +542,32 @@ class Turn:
         return self.spec.agent.max_tool_calls - self.tool_calls
 
     def summary(self) -> str:
-        tried = ", ".join(self._tried[-6:]) or "no tool calls"
-        said = f'; said "{context.first_line(self._last_text, 120)}"' if self._last_text else ""
+        """What the iteration did, in one short line: its tools by count, and the start of what it said last."""
+        counts = Counter(self._tried)
+        tried = ", ".join(name + (f" x{n}" if n > 1 else "") for name, n in counts.most_common(4)) or "no tool calls"
+        said = f'; said "{context.first_line(self._last_text, 80)}"' if self._last_text else ""
         return f"{self.tool_calls} tool calls ({tried}){said}"
 
     async def check_stop_rules(self) -> None:
         """The stop rules a model call checks first, for makers that make none (a CLI agent): ends the
-        run (StopRun) when one fires, waits while the run is paused."""
-        while reason := await step("stop_rules", self._run.stop_reason):
+        run (StopRun) when one fires, waits while the run is paused. The agent's run is estimated at the
+        largest cost an earlier run of it reported (see `report_usage`)."""
+        estimate = self._run.budget.agent_estimate()
+        while reason := await step("stop_rules", self._run.stop_reason, estimate, "run of the CLI agent"):
             status, why = reason
             if status != "paused":
                 raise StopRun(status, why)
             await self._run.pause()
+
+    async def report_usage(self, model: str, usage: dict[str, Any], cost_usd: float | None = None) -> float:
+        """Count what a maker's own agent spent (a CLI agent's usage report) against the budget, traced as a
+        model call of the maker; `cost_usd` when the agent priced it, else priced from `usage`. Returns the cost."""
+        self._model_calls += 1
+        key = f"{self.iteration}.model.{self._model_calls}"
+        cost = await step(f"usage:{key}", self._run._record_model_call, key, self.iteration, model, usage, 0.0,
+                          {"role": "maker", "reported_by": "agent"}, cost_usd)
+        self._run.budget.agent_ran(cost)
+        return cost
 
     async def model(self, model: str, request: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """Call the model through `send` as a durable step, after checking the stop rules."""
@@ -536,14 +578,16 @@ class Turn:
             if status != "paused":
                 raise StopRun(status, reason)
             await self._run.pause()
+        self._run.budget.sent(model, request, reply["usage"])
         self._last_text = " ".join(b.get("text", "") for b in reply["content"] if b.get("type") == "text") or self._last_text
         return reply
 
     async def _model_step(self, key: str, model: str, request: dict[str, Any], send: Callable) -> dict[str, Any]:
-        reason = await anyio.to_thread.run_sync(self._run.stop_reason)
+        price = self._run.rt.settings.price(model)  # fail before spending when the price is unknown
+        estimate = 0.0 if self._run.replay is not None else self._run.budget.estimate(price, model, request)
+        reason = await anyio.to_thread.run_sync(self._run.stop_reason, estimate)
         if reason:
             return {"stop": list(reason)}
-        self._run.rt.settings.price(model)  # fail before spending when the price is unknown
         started = time.monotonic()
         if self._run.replay is not None:  # the recorded answer instead of a model call: free
             reply = replay.answer(self._run.replay, key)
@@ -551,7 +595,7 @@ class Turn:
             reply = await send(request)
         self._run._record_model_call(
             key, self.iteration, model, reply["usage"], (time.monotonic() - started) * 1000,
-            {"stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]],
+            {"role": "maker", "stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]],
              **({"replayed": True} if self._run.replay is not None else {})},
         )
         return reply

@@ -50,6 +50,28 @@ class Run:
 
 
 @dataclass
+class RoleSpend:
+    """What one role (the maker, a reviewer) spent on one model in a run."""
+
+    role: str
+    model: str
+    calls: int
+    cost_usd: float
+
+
+def spend_by_role(calls: list[tuple[str, float]]) -> list[RoleSpend]:
+    """Model calls, as (their event's data as JSON, cost), summed per role and model, dearest first."""
+    spent: dict[tuple[str, str], RoleSpend] = {}
+    for data, cost in calls:
+        fields = json.loads(data)
+        key = (fields.get("role", "maker"), fields.get("model", "?"))
+        row = spent.setdefault(key, RoleSpend(*key, 0, 0.0))
+        row.calls += 1
+        row.cost_usd += cost
+    return sorted(spent.values(), key=lambda row: -row.cost_usd)
+
+
+@dataclass
 class Totals:
     cost_usd: float
     input_tokens: int

@@ -94,7 +94,7 @@ protect = [{protect}]   # an edit here fails the iteration
 
 [stop]
 max_iterations = 8
-max_cost_usd = 2.0            # checked before every model call
+max_cost_usd = 2.0            # a cap: no model call starts that would cross it
 max_wall_time = "20m"
 stall_after = 3               # three iterations in a row without progress
 '''

@@ -64,6 +64,7 @@ class RunStatus:
     spent_usd: float
     max_cost_usd: float
     tokens: dict[str, int]
+    spend_by_role: list[dict[str, Any]]  # per role and model: {role, model, calls, cost_usd}, dearest first
     model_calls: int
     tool_calls: int
     last_verdict: dict[str, Any] | None
@@ -274,6 +275,7 @@ class Runtime:
             max_cost_usd=spec["stop"]["max_cost_usd"],
             tokens={"input": totals.input_tokens, "output": totals.output_tokens,
                     "cache_write": totals.cache_write_tokens, "cache_read": totals.cache_read_tokens},
+            spend_by_role=[{**asdict(row), "cost_usd": round(row.cost_usd, 6)} for row in self.store.spend_by_role(run_id)],
             model_calls=totals.model_calls, tool_calls=totals.tool_calls, last_verdict=run.last_verdict,
             stall_count=run.stall_count, stop_requested=run.stop_requested,
             pending_approvals=[

@@ -68,9 +68,12 @@ class AgentSpec(_Section):
     max_tokens: int = Field(8192, ge=1, le=200_000)
     skills: list[str] = []  # skill folders (or folders of them), relative to the spec file
     system: str | None = None  # extra instructions appended to the built-in system prompt
-    # kind = "command": a CLI agent run in the sandbox, e.g. "claude -p \"$(cat {prompt_file})\""
+    # kind = "command": a CLI agent run in the sandbox that prints its usage, e.g.
+    # "claude -p --output-format json \"$(cat {prompt_file})\""
     command: str | None = None
     prompt_file: str = ".loopwright/prompt.md"
+    # kind = "command": run an agent that prints no usage report, its spend not counted against max_cost_usd
+    accept_unknown_cost: bool = False
 
     @model_validator(mode="after")
     def _command_maker_needs_command(self) -> AgentSpec:
@@ -181,8 +184,10 @@ class StopSpec(_Section):
 
 class MemorySpec(_Section):
     notes: bool = True  # markdown progress notes kept per loop, fed to the next iteration and run
-    kv: bool = True  # memory_get / memory_set tools, scoped to the loop
-    budget_chars: int = Field(4000, ge=200, le=200_000)  # the most memory text one prompt carries
+    kv: bool = False  # memory_get / memory_set tools, scoped to the loop: offered only when asked for
+    budget_chars: int = Field(4000, ge=200, le=200_000)  # the most text of earlier runs the system prompt carries
+    # The working memory: a line per earlier iteration of this run, newest kept, in every opening message.
+    working_chars: int = Field(800, ge=200, le=50_000)
 
 
 class McpServerSpec(_Section):

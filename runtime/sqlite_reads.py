@@ -12,7 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from .records import Run, Totals, UnknownRun, approval_from_row, run_from_row
+from .records import RoleSpend, Run, Totals, UnknownRun, approval_from_row, run_from_row, spend_by_role
 
 SQLITE_URL = "sqlite:///"
 
@@ -45,13 +45,18 @@ class SqliteReads:
         return [run_from_row(r) for r in self._rows(
             f"SELECT * FROM loopwright_runs WHERE {where} ORDER BY created_at DESC LIMIT ?", params)]
 
-    def totals(self, run_id: str) -> Totals:
+    def totals(self, run_id: str, through: int | None = None) -> Totals:
         rows = self._rows(
             "SELECT COALESCE(SUM(cost_usd), 0.0), COALESCE(SUM(input_tokens), 0), COALESCE(SUM(output_tokens), 0), "
             "COALESCE(SUM(cache_write_tokens), 0), COALESCE(SUM(cache_read_tokens), 0), "
             "COUNT(*) FILTER (WHERE kind = 'model_call'), COUNT(*) FILTER (WHERE kind = 'tool_call') "
-            "FROM loopwright_events WHERE run_id = ?", (run_id,))
+            "FROM loopwright_events WHERE run_id = ? AND iteration <= COALESCE(?, iteration)", (run_id, through))
         return Totals(*rows[0].values()) if rows else Totals(0.0, 0, 0, 0, 0, 0, 0)
+
+    def spend_by_role(self, run_id: str) -> list[RoleSpend]:
+        return spend_by_role([(r["data"], r["cost_usd"]) for r in self._rows(
+            "SELECT data, cost_usd FROM loopwright_events WHERE run_id = ? AND kind = 'model_call' ORDER BY seq",
+            (run_id,))])
 
     def list_approvals(self, run_id: str | None = None, pending_only: bool = True) -> list[dict[str, Any]]:
         where = " AND ".join(["1 = 1", *(["run_id = ?"] if run_id else []), *(["status = 'pending'"] if pending_only else [])])

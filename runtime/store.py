@@ -8,7 +8,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .records import Run, Totals, UnknownRun, approval_from_row, new_run_id, run_from_row
+from .records import RoleSpend, Run, Totals, UnknownRun, approval_from_row, new_run_id, run_from_row, spend_by_role
 
 __all__ = ["Run", "Store", "Totals", "UnknownRun", "new_run_id"]  # the records, for those who read them from here
 
@@ -253,7 +253,8 @@ class Store:
             row["data"] = json.loads(row["data"])
         return rows
 
-    def totals(self, run_id: str) -> Totals:
+    def totals(self, run_id: str, through: int | None = None) -> Totals:
+        """The run's tokens, cost and calls; with `through`, only those of iterations up to that one."""
         c = events.c
         query = sa.select(
             sa.func.coalesce(sa.func.sum(c.cost_usd), 0.0),
@@ -264,8 +265,16 @@ class Store:
             sa.func.count().filter(c.kind == "model_call"),
             sa.func.count().filter(c.kind == "tool_call"),
         ).where(c.run_id == run_id)
+        if through is not None:
+            query = query.where(c.iteration <= through)
         with self.engine.connect() as db:
             return Totals(*db.execute(query).one())
+
+    def spend_by_role(self, run_id: str) -> list[RoleSpend]:
+        c = events.c
+        query = sa.select(c.data, c.cost_usd).where(c.run_id == run_id, c.kind == "model_call")
+        with self.engine.connect() as db:
+            return spend_by_role([tuple(row) for row in db.execute(query)])
 
 
 def _dialect_insert(engine: sa.Engine) -> Any:

@@ -192,6 +192,17 @@ class VerifyContext:
     # record_model_call(model, usage, duration_ms) -> cost: a checker's model calls count against the budget
     record_model_call: Callable[[str, dict[str, Any], float], float]
     baseline: dict[str, Any] | None = None  # what the verifier's `baseline` returned at the base commit
+    # check_budget(model, request): call it before a model call; raises BudgetSpent when the call would
+    # cross the run's max_cost_usd (the run then ends `failed`, and the call is not made)
+    check_budget: Callable[[str, dict[str, Any]], None] = lambda model, request: None
+
+
+class BudgetSpent(Exception):
+    """A model call would cross the run's `max_cost_usd`; `reason` says by how much. Raised before the call."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Verifier(Protocol):

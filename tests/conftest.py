@@ -69,6 +69,17 @@ def project(tmp_path, sandbox_image) -> Path:
     return repo
 
 
+@pytest.fixture
+def agent_project(project, monkeypatch) -> Path:
+    """The example project with the scripted CLI agent committed, and no model API key anywhere."""
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    shutil.copy(Path(__file__).parent / "fixtures" / "fake_agent.py", project / "fake_agent.py")
+    for args in (["add", "-A"], ["-c", "user.name=T", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "agent"]):
+        subprocess.run(["git", "-C", str(project), *args], check=True, capture_output=True)
+    return project
+
+
 def git_repository(path: Path, files: dict[str, str]) -> Path:
     """A new git repository at `path` holding `files` (name -> text) in one commit on main."""
     path.mkdir()

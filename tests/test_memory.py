@@ -65,12 +65,19 @@ def test_progress_notes_from_run_1_are_in_the_first_prompt_of_run_2(home, projec
 @pytest.mark.hook("loopwright_run_tools", "loopwright_system_prompt")
 def test_a_value_stored_with_memory_set_in_run_1_is_read_with_memory_get_in_run_2(home, project, model):
     run(project, model([tool_use("memory_set", {"key": "test-command", "value": "python3 -m pytest -q"}),
-                        text("noted")]))
-    _, second = run(project, model([tool_use("memory_get", {"key": "test-command"}), text("done")]))
+                        text("noted")]), memory={"kv": True})
+    _, second = run(project, model([tool_use("memory_get", {"key": "test-command"}), text("done")]), memory={"kv": True})
 
     assert "test-command" in section(system_text(second[0]), KV)  # run 2 is told which keys exist
     result = second[1]["messages"][-1]["content"][0]
     assert (result["content"], result.get("is_error", False)) == ("python3 -m pytest -q", False)
+
+
+def test_a_loop_that_does_not_ask_for_the_key_value_memory_is_not_offered_its_tools(home, project, model):
+    _, requests = run(project, model([text("done")]))
+    assert [tool["name"] for tool in requests[0]["tools"]] == [
+        "run_command", "read_file", "write_file", "edit_file", "list_files"]  # each tool offered costs tokens
+    assert KV not in system_text(requests[0])
 
 
 @pytest.mark.hook("loopwright_system_prompt")

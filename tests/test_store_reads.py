@@ -20,6 +20,8 @@ def stores(tmp_path):
     store.add_event("run-1", "1.model.1", "model_call", 1, {"model": "m"}, input_tokens=10, output_tokens=5,
                     cache_write_tokens=3, cache_read_tokens=7, cost_usd=0.25)
     store.add_event("run-1", "1.tool.1", "tool_call", 1, {"tool": "t"}, duration_ms=4.0)
+    store.add_event("run-1", "1.check.0.model", "model_call", 1, {"model": "r", "role": "reviewer"}, cost_usd=0.5)
+    store.add_event("run-1", "2.model.1", "model_call", 2, {"model": "m", "role": "maker"}, output_tokens=2, cost_usd=0.125)
     store.add_approval("ap-1", "run-1", 1, "run_command", {"command": "rm -rf build"}, "run_command: rm *", 60)
     return store, reads_for(f"sqlite:///{path}")
 
@@ -34,6 +36,11 @@ def test_the_sqlite_reader_reads_what_the_store_wrote(stores):
     assert reads.list_runs(limit=1) == store.list_runs(limit=1)
     assert reads.totals("run-1") == store.totals("run-1")
     assert reads.totals("run-0") == store.totals("run-0")
+    assert reads.totals("run-1", through=1) == store.totals("run-1", through=1) != store.totals("run-1")
+    assert store.totals("run-1", through=1).cost_usd == 0.75
+    assert reads.spend_by_role("run-1") == store.spend_by_role("run-1")
+    assert [(r.role, r.model, r.calls, r.cost_usd) for r in store.spend_by_role("run-1")] == [
+        ("reviewer", "r", 1, 0.5), ("maker", "m", 2, 0.375)]
     assert reads.list_approvals() == store.list_approvals()
     assert reads.list_approvals("run-1", pending_only=False) == store.list_approvals("run-1", pending_only=False)
 

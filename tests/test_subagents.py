@@ -2,17 +2,13 @@
 reviewer (the real SDK against the scripted model server, on a model of its own)."""
 
 import json
-import shutil
 import socket
 import subprocess
 from pathlib import Path
 
-import pytest
-
 from conftest import loopwright, run_id_of, trace, write_spec
 from model_server import text, tool_use
 
-FIXTURES = Path(__file__).parent / "fixtures"
 MAKER_MODEL, REVIEWER_MODEL = "claude-sonnet-5-5", "claude-haiku-5-5"
 FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"},
                text="PURPLE-ELEPHANT: I found the off-by-one and I am sure this is right.")
@@ -31,17 +27,6 @@ def git_show(repo: Path, ref: str) -> subprocess.CompletedProcess:
 
 
 # --- the command maker ---------------------------------------------------------------------------
-
-
-@pytest.fixture
-def agent_project(project, monkeypatch) -> Path:
-    """The example project with the scripted CLI agent committed, and no model API key anywhere."""
-    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
-    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
-    shutil.copy(FIXTURES / "fake_agent.py", project / "fake_agent.py")
-    for args in (["add", "-A"], ["-c", "user.name=T", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "agent"]):
-        subprocess.run(["git", "-C", str(project), *args], check=True, capture_output=True)
-    return project
 
 
 def command_agent(mode: str) -> dict:
@@ -89,7 +74,8 @@ def test_command_maker_does_not_write_its_prompt_through_a_symlink_the_agent_pla
     outside = tmp_path / "host-folder"
     outside.mkdir()
     plant = f"rm -rf .loopwright && ln -s {outside} .loopwright"  # the host path, as an agent could guess it
-    spec = write_spec(agent_project, agent={"kind": "command", "command": plant}, stop={"max_iterations": 2})
+    spec = write_spec(agent_project, agent={"kind": "command", "command": plant, "accept_unknown_cost": True},
+                      stop={"max_iterations": 2})
     result = loopwright("run", str(spec))
     assert result.returncode == 1, result.stdout + result.stderr
     run = status(run_id_of(result))
@@ -98,7 +84,8 @@ def test_command_maker_does_not_write_its_prompt_through_a_symlink_the_agent_pla
 
 
 def test_command_maker_run_stops_when_the_wall_time_runs_out(home, agent_project):
-    spec = write_spec(agent_project, agent={"kind": "command", "command": "sleep 3"}, stop={"max_wall_time": "2s"})
+    spec = write_spec(agent_project, agent={"kind": "command", "command": "sleep 3", "accept_unknown_cost": True},
+                      stop={"max_wall_time": "2s"})
     result = loopwright("run", str(spec))
     assert result.returncode == 1
     run = status(run_id_of(result))
