@@ -19,7 +19,7 @@ _EXPORTS = {
     "plugin_settings": "runtime.plugin_host",
     "AgentSpec": "runtime.spec", "LoopSpec": "runtime.spec", "VerifySpec": "runtime.spec",
     **{name: "runtime.types" for name in (
-        "BudgetSpent", "CheckResult", "Decision", "ExecResult", "Failure", "Outcome", "RunInfo", "Sandbox", "Tool", "ToolCall", "ToolContext",
+        "BudgetSpent", "CheckResult", "Decision", "ExecResult", "Failure", "ModelError", "Outcome", "RunInfo", "Sandbox", "Tool", "ToolCall", "ToolContext",
         "ToolResult", "Verdict", "VerifyContext", "WebhookRequest", "WebhookResponse",
     )},
 }
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # for type checkers and editors; at run time, __getattr__ bel
     from .runtime.plugin_host import plugin_settings
     from .runtime.spec import AgentSpec, LoopSpec, VerifySpec
     from .runtime.types import (
-        BudgetSpent, CheckResult, Decision, ExecResult, Failure, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult,
+        BudgetSpent, CheckResult, Decision, ExecResult, Failure, ModelError, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult,
         Verdict, VerifyContext, WebhookRequest, WebhookResponse,
     )
 

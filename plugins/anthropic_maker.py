@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
+import anyio
+
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.context import elide_old_tool_results, mark_last_message_for_cache
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.types import ToolResult
+from loopwright.runtime.types import ModelError, ToolResult
 
 if TYPE_CHECKING:
     from loopwright.runtime.config import Settings
@@ -48,17 +50,32 @@ class AnthropicMaker:
             self._client = anthropic.AsyncAnthropic(max_retries=MAX_RETRIES)
         return self._client
 
-    async def _send(self, request: dict[str, Any]) -> dict[str, Any]:
+    async def _send(self, request: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """One model call, the SDK's retries included, within `timeout` seconds in all."""
         import anthropic
 
+        endpoint = str(self.client.base_url)
         try:
-            message = await self.client.messages.create(**request)
+            with anyio.fail_after(timeout):
+                message = await self.client.messages.create(**request, timeout=timeout)
+        except (TimeoutError, anthropic.APITimeoutError):
+            raise ModelError(f"the model API at {endpoint} did not answer within {timeout:.0f}s "
+                             "(the call's limit: the run's remaining wall time, at most 10 minutes)",
+                             "timeout", endpoint) from None
         except anthropic.APIStatusError as error:
-            raise RuntimeError(
-                f"the model API answered {error.status_code} after {MAX_RETRIES} retries: {error.message}"
+            retry_after = error.response.headers.get("retry-after")
+            raise ModelError(
+                f"the model API at {endpoint} answered {error.status_code} after {MAX_RETRIES} retries: {error.message}",
+                ModelError.kind_of(error.status_code), endpoint, error.status_code,
+                float(retry_after) if retry_after and retry_after.replace(".", "", 1).isdigit() else None,
             ) from None
         except anthropic.APIConnectionError as error:
-            raise RuntimeError(f"cannot reach the model API at {self.client.base_url}: {error}") from None
+            cause = f" ({type(error.__cause__).__name__}: {error.__cause__})" if error.__cause__ else ""
+            raise ModelError(f"the connection to the model API at {endpoint} failed after {MAX_RETRIES} retries: "
+                             f"{error}{cause}", "connection", endpoint) from None
+        except anthropic.APIResponseValidationError as error:
+            raise ModelError(f"the model API at {endpoint} sent an answer that could not be read: {error}",
+                             "reply", endpoint) from None
         return {
             "content": [_block(b) for b in message.content],
             "stop_reason": message.stop_reason,
@@ -76,7 +93,7 @@ class AnthropicMaker:
                 "tools": turn.tools,
                 "messages": mark_last_message_for_cache(elide_old_tool_results(messages)),
             }
-            reply = await turn.model(self.agent.model, request, self._send)
+            reply = await turn.model(self.agent.model, request, lambda r: self._send(r, turn.call_timeout()))
             messages.append({"role": "assistant", "content": reply["content"]})
             calls = [block for block in reply["content"] if block["type"] == "tool_use"]
             if not calls:

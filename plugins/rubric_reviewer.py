@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.context import truncate
 from loopwright.runtime.hookspecs import hookimpl
-from loopwright.runtime.types import CheckResult, Failure, VerifyContext
+from loopwright.runtime.types import CheckResult, Failure, ModelError, VerifyContext
 
 if TYPE_CHECKING:
     from loopwright.runtime.spec import VerifySpec
@@ -127,17 +127,22 @@ class RubricReviewer:
             "messages": [{"role": "user", "content": review_prompt(ctx, self.check.rubric or "", ctx.diff())}],
         }
         ctx.check_budget(self.model, request)  # raises BudgetSpent rather than cross max_cost_usd
-        with anthropic.Anthropic(max_retries=MAX_RETRIES) as client:
-            started = time.monotonic()
+        timeout = ctx.call_timeout()
+        with anthropic.Anthropic(max_retries=MAX_RETRIES, timeout=timeout) as client:
+            started, endpoint = time.monotonic(), str(client.base_url)
             try:
                 message = client.messages.create(**request)
+            except anthropic.APITimeoutError:
+                raise ModelError(f"the rubric reviewer's model API at {endpoint} did not answer within {timeout:.0f}s",
+                                 "timeout", endpoint) from None
             except anthropic.APIStatusError as error:
-                raise RuntimeError(
-                    f"the rubric reviewer's model API answered {error.status_code} after {MAX_RETRIES} retries: "
-                    f"{error.message}"
+                raise ModelError(
+                    f"the rubric reviewer's model API at {endpoint} answered {error.status_code} after {MAX_RETRIES} "
+                    f"retries: {error.message}", ModelError.kind_of(error.status_code), endpoint, error.status_code,
                 ) from None
             except anthropic.APIConnectionError as error:
-                raise RuntimeError(f"the rubric reviewer cannot reach the model API at {client.base_url}: {error}") from None
+                raise ModelError(f"the rubric reviewer cannot reach the model API at {endpoint}: {error}",
+                                 "connection", endpoint) from None
         ctx.record_model_call(self.model, message.usage.model_dump(exclude_none=True), (time.monotonic() - started) * 1000)
         return check_result(self.check.label, self.model, _verdict_input(message))
 

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -52,8 +51,6 @@ MAX_WEBHOOK_BYTES = 1024 * 1024
 # For tests only: a file holding the current time (Unix seconds). While it is set, the automations'
 # clock reads that file instead of the system clock, so a test can move time past a due firing.
 CLOCK_FILE_ENV = "LOOPWRIGHT_TEST_CLOCK_FILE"
-# How a provider's quota or rate-limit refusal reads in a run's reason; such a run pauses its automation.
-QUOTA_ERROR = re.compile(r"\b429\b|rate[ _-]?limit|quota", re.IGNORECASE)
 START_ERRORS = (RunError, SpecError, ConfigError, PluginError)
 
 
@@ -302,7 +299,7 @@ class Automations:
 
     def pause_on_quota_error(self, run_id: str, outcome: Outcome) -> str | None:
         """Pause the automation whose firing started this run when the run ended on a quota error."""
-        if outcome.status != "error" or not QUOTA_ERROR.search(outcome.reason):
+        if outcome.error != "quota":  # a ModelError's kind: a provider's quota or rate limit (429)
             return None
         with self.store.engine.connect() as db:
             automation = db.execute(sa.select(firings.c.automation).where(firings.c.run_id == run_id)).scalar()

@@ -29,7 +29,7 @@ from .progress import Progress
 from . import worktree as worktrees
 from .spec import LoopSpec
 from .types import (
-    STALL_TOOL, BudgetSpent, CheckResult, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
+    STALL_TOOL, BudgetSpent, CheckResult, ModelError, Outcome, RunInfo, Sandbox, Tool, ToolCall, ToolContext, ToolResult, Verdict, VerifyContext,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 _runtime: Runtime | None = None
 CONTROL_TOPIC = "control"  # messages to a run: stop, resume, approval decisions
 PAUSE_LIMIT_S = 7 * 24 * 3600
+MODEL_CALL_LIMIT_S = 600.0  # one model call, its retries included, when the run's wall time leaves more
+GRACE_S = 5.0  # past its limit, a call the maker did not cut itself is cut by the engine
 
 
 def bind_runtime(runtime: Runtime) -> None:
@@ -120,7 +122,12 @@ class LoopRun:
                 else:
                     stop = stops.exceptions[0]
                     outcome = Outcome(stop.status, stop.reason, self.info.iteration)
-            except Exception as error:  # a broken model endpoint, a missing image, a plugin bug
+            except ModelError as error:  # typed, so automations react to its kind (a quota pauses them)
+                outcome = Outcome("error", str(error), self.info.iteration, error=error.kind)
+                if error.kind == "timeout" and self.wall_time_left() <= 0:
+                    outcome.status = "failed"
+                    outcome.reason = f"max_wall_time: the limit is {self.spec.stop.max_wall_time}, and {error}"
+            except Exception as error:  # a missing image, a plugin bug
                 outcome = Outcome("error", f"{type(error).__name__}: {error}", self.info.iteration)
         if self.info.worktree != Path("."):
             outcome.commit = await step("commit", self._commit, outcome.status)
@@ -260,7 +267,8 @@ class LoopRun:
             return self._record_model_call(key, iteration, model, usage, ms, {"role": "reviewer", "check": self.spec.verify[index].label})
 
         return VerifyContext(self.info, sandbox, iteration, changed, diff, record,
-                             json.loads(Path(baseline).read_text()) if baseline else None, check_budget)
+                             json.loads(Path(baseline).read_text()) if baseline else None, check_budget,
+                             self.call_timeout)
 
     def _baseline(self) -> dict[str, str]:
         """Run each verifier's `baseline` once on the base commit's tree (the test inventory); kept in files."""
@@ -430,6 +438,14 @@ class LoopRun:
             return ("failed", reason)
         return None
 
+    def wall_time_left(self) -> float:
+        row = self.store.get_run(self.id)
+        return self.spec.stop.wall_time_s - (time.time() - (row.started_at or row.created_at) - row.paused_s)
+
+    def call_timeout(self) -> float:
+        """Seconds a model call starting now may take: what is left of max_wall_time, at most MODEL_CALL_LIMIT_S."""
+        return max(min(self.wall_time_left(), MODEL_CALL_LIMIT_S), 1.0)
+
     def over_budget(self, spent: float, next_cost: float, what: str) -> str | None:
         """Why a call estimated at `next_cost` may not start, or None when the budget allows it."""
         cap = self.spec.stop.max_cost_usd
@@ -534,6 +550,7 @@ class Turn:
         self.opening = opening
         self.tool_calls = 0
         self._model_calls = 0
+        self._call_timeout = MODEL_CALL_LIMIT_S
         self._tried: list[str] = []
         self._last_text = ""
 
@@ -547,6 +564,11 @@ class Turn:
         tried = ", ".join(name + (f" x{n}" if n > 1 else "") for name, n in counts.most_common(4)) or "no tool calls"
         said = f'; said "{context.first_line(self._last_text, 80)}"' if self._last_text else ""
         return f"{self.tool_calls} tool calls ({tried}){said}"
+
+    def call_timeout(self) -> float:
+        """Seconds the model call now starting may take, its retries included: what is left of the run's
+        max_wall_time, at most MODEL_CALL_LIMIT_S. A maker passes it to its client."""
+        return self._call_timeout
 
     async def check_stop_rules(self) -> None:
         """The stop rules a model call checks first, for makers that make none (a CLI agent): ends the
@@ -588,11 +610,17 @@ class Turn:
         reason = await anyio.to_thread.run_sync(self._run.stop_reason, estimate)
         if reason:
             return {"stop": list(reason)}
+        self._call_timeout = await anyio.to_thread.run_sync(self._run.call_timeout)
         started = time.monotonic()
         if self._run.replay is not None:  # the recorded answer instead of a model call: free
             reply = replay.answer(self._run.replay, key)
         else:
-            reply = await send(request)
+            try:  # a maker that ignores call_timeout() is cut a little later
+                with anyio.fail_after(self._call_timeout + GRACE_S):
+                    reply = await send(request)
+            except TimeoutError:
+                raise ModelError(f"the maker's call to {model} did not return within {self._call_timeout:.0f}s "
+                                 "(the call's limit: the run's remaining wall time, at most 10 minutes)", "timeout") from None
         self._run._record_model_call(
             key, self.iteration, model, reply["usage"], (time.monotonic() - started) * 1000,
             {"role": "maker", "stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]],
@@ -605,7 +633,7 @@ class Turn:
         self.tool_calls += 1
         self._tried.append(name)
         key = f"{self.iteration}.tool.{self.tool_calls}"
-        rule = self.spec.approval_rule(name, arguments)
+        rule = self.spec.approval_rule(name, arguments) if isinstance(arguments, dict) else None
         if rule is not None:
             refused = await self._run.approve(key, ToolCall(call_id, name, arguments, self.iteration), rule)
             if refused is not None:
@@ -626,12 +654,14 @@ class Turn:
             return {"stop": ["paused", "paused by a person"]}
         call = ToolCall(call_id, name, arguments, self.iteration)
         started = time.monotonic()
-        decision = await run.rt.host.before_tool_call(run.info, call)
-        if decision.action == "deny":
-            result = ToolResult(f"This call was denied: {decision.reason}", is_error=True, details={"denied": True})
-        else:
-            result = await self._call_tool(call)
-            await run.rt.host.after_tool_call(run.info, call, result)
+        result = self._refused(call)  # no policy hook or tool sees a call that cannot run
+        if result is None:
+            decision = await run.rt.host.before_tool_call(run.info, call)
+            if decision.action == "deny":
+                result = ToolResult(f"This call was denied: {decision.reason}", is_error=True, details={"denied": True})
+            else:
+                result = await self._call_tool(call)
+                await run.rt.host.after_tool_call(run.info, call, result)
         duration = (time.monotonic() - started) * 1000
         result.content = self._cap_output(key, result.content)
         run._event(
@@ -642,11 +672,19 @@ class Turn:
         )
         return {"content": result.content, "is_error": result.is_error}
 
-    async def _call_tool(self, call: ToolCall) -> ToolResult:
+    def _refused(self, call: ToolCall) -> ToolResult | None:
+        """A call of a tool that does not exist, or with input that cannot be what the tool takes."""
         tools = self._run.tools
         tool = tools.get(call.name)
         if tool is None:
             return ToolResult(f"Unknown tool {call.name!r}. Available tools: {', '.join(sorted(tools))}.", is_error=True)
+        if problem := _malformed(call.input, tool.input_schema):
+            return ToolResult(f"Not run: the input for {call.name!r} is malformed: {problem}. Call it again with "
+                              "a JSON object that matches its input schema.", is_error=True)
+        return None
+
+    async def _call_tool(self, call: ToolCall) -> ToolResult:
+        tool = self._run.tools[call.name]
         assert self._run.sandbox is not None
         ctx = ToolContext(self._run.info, self._run.sandbox, self.spec.sandbox.tool_timeout_s, self._run.rt.settings.output_limit)
         try:
@@ -668,6 +706,14 @@ class Turn:
         path = folder / f"{key}.txt"
         path.write_text(content, encoding="utf-8")
         return context.truncate(content, limit, note=f"; full output in {path}")
+
+
+def _malformed(arguments: Any, schema: dict[str, Any]) -> str | None:
+    """What is wrong with a tool call's input at first sight (not a JSON object, a required field missing)."""
+    if not isinstance(arguments, dict):
+        return f"expected a JSON object, got {type(arguments).__name__} {context.truncate(repr(arguments), 80)}"
+    missing = [name for name in schema.get("required", []) if name not in arguments]
+    return f"missing required field(s) {', '.join(missing)}" if missing else None
 
 
 def _trace_block(block: dict[str, Any]) -> dict[str, Any]:

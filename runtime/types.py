@@ -195,6 +195,8 @@ class VerifyContext:
     # check_budget(model, request): call it before a model call; raises BudgetSpent when the call would
     # cross the run's max_cost_usd (the run then ends `failed`, and the call is not made)
     check_budget: Callable[[str, dict[str, Any]], None] = lambda model, request: None
+    # call_timeout() -> seconds a model call starting now may take: the run's remaining wall time, at most 10 minutes
+    call_timeout: Callable[[], float] = lambda: 600.0
 
 
 class BudgetSpent(Exception):
@@ -222,6 +224,33 @@ class Outcome:
     reason: str
     iterations: int
     commit: str | None = None
+    error: str | None = None  # when a model call ended the run: the ModelError's kind ("quota", "timeout", ...)
+
+
+class ModelError(Exception):
+    """A model call that failed for good (after the client's own retries), typed so that code reacts to
+    its kind, never to its text. `kind`: "quota" (429: a rate limit or quota), "overloaded" (529),
+    "server" (another 5xx), "request" (another 4xx: the request itself was refused), "timeout" (no
+    answer in time), "connection" (the endpoint could not be reached), "reply" (an answer that could
+    not be read). `status`: the HTTP status, when there was one; `retry_after`: the seconds the API
+    asked to wait; `endpoint`: where the call went."""
+
+    def __init__(self, message: str, kind: str = "server", endpoint: str = "", status: int | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message)
+        self.kind = kind
+        self.endpoint = endpoint
+        self.status = status
+        self.retry_after = retry_after
+
+    @staticmethod
+    def kind_of(status: int) -> str:
+        """The kind of error an HTTP status means."""
+        if status == 429:
+            return "quota"
+        if status == 529:
+            return "overloaded"
+        return "server" if status >= 500 else "request"
 
 
 @dataclass

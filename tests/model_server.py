@@ -60,6 +60,16 @@ def error(status: int, type: str = "api_error", message: str = "scripted error")
     return {"status": status, "error": {"type": type, "message": message}}
 
 
+def hang(seconds: float) -> Reply:
+    """No answer for `seconds` (or until the server stops), then a 500: a connection that hangs."""
+    return {"hang": seconds}
+
+
+def truncated(reply: Reply) -> Reply:
+    """`reply`, cut off halfway through its body: the connection closes early."""
+    return {**reply, "truncate": True}
+
+
 # --- token accounting -------------------------------------------------------------------------
 
 
@@ -171,6 +181,7 @@ class ModelServer:
         self._record_to = record_to  # a file each request body is appended to, one JSON line each
         self._lock = threading.Lock()
         self._cached: set[str] = set()  # digests of cached prefixes
+        self._stopping = threading.Event()  # ends the hangs
 
     def start(self) -> ModelServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", self._port), _Handler)
@@ -183,6 +194,7 @@ class ModelServer:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         self._httpd.shutdown()
         self._httpd.server_close()
         self._thread.join()
@@ -229,6 +241,9 @@ class ModelServer:
                           f"arrived after all {count - 1} scripted replies were used", no_retry)
         try:
             reply = scripted if scripted is not None else self._script(body)
+            if "hang" in reply:
+                self._stopping.wait(reply["hang"])
+                return _error(500, "api_error", f"the scripted hang of request {count} ended", no_retry)
             if "error" in reply:
                 return _error(reply["status"], reply["error"]["type"], reply["error"]["message"])
             message = self._message(body, prompt, reply)
@@ -236,7 +251,11 @@ class ModelServer:
             return _error(500, "api_error", f"model server could not build reply {count}: {exc!r}", no_retry)
         with self._lock:
             self.responses.append(message)
-        return _sse(message) if body.get("stream") else _json(200, message)
+        status, headers, payload = _sse(message) if body.get("stream") else _json(200, message)
+        if reply.get("truncate"):  # the length of the whole body is announced, half of it is sent
+            headers = {**headers, "content-length": str(len(payload))}
+            payload = payload[: len(payload) // 2]
+        return status, headers, payload
 
     def _message(self, body: dict, prompt: list, reply: Reply) -> dict:
         content = [{"id": _new_id("toolu_"), **block} if block["type"] == "tool_use" else {**block}
@@ -285,11 +304,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, status: int, headers: dict, body: bytes) -> None:
         self.send_response(status)
         # One request per connection, so stop() leaves no keep-alive connection still being served.
-        for name, value in {**headers, "request-id": _new_id("req_"), "connection": "close"}.items():
+        for name, value in {"content-length": str(len(body)), **headers, "request-id": _new_id("req_"),
+                            "connection": "close"}.items():
             self.send_header(name, value)
-        self.send_header("content-length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.wfile.write(body)
+        except OSError:  # the client gave up (a timeout): nothing left to tell it
+            pass
 
     def log_message(self, format: str, *args: Any) -> None:
         """Quiet: the test output should show the test, not an access log."""
