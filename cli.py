@@ -356,7 +356,8 @@ def _event_line(e: dict[str, Any]) -> str:
                 f" cache w {e['cache_write_tokens']} r {e['cache_read_tokens']} · ${e['cost_usd']:.5f} · {e['duration_ms']:.0f} ms")
     if e["kind"] == "tool_call":
         args = json.dumps(data["input"])[:80]
-        return f"{head} {data['tool']} {args} · {'error' if data['is_error'] else 'ok'} · {e['duration_ms']:.0f} ms"
+        state = "unfinished" if data.get("unfinished") else "error" if data.get("is_error") else "ok"
+        return f"{head} {data['tool']} {args} · {state} · {e['duration_ms']:.0f} ms"
     if e["kind"] in ("check", "verdict"):
         if e["kind"] == "check":
             return f"{head} {data['name']}: {'pass' if data['passed'] else 'FAIL'} · {e['duration_ms']:.0f} ms"

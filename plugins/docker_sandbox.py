@@ -17,7 +17,9 @@ import click
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.plugin_host import plugin_settings
-from loopwright.sandbox import DockerSandbox, PoolKey, SandboxPool, default_image, reap_orphans
+from loopwright.sandbox import (
+    DockerSandbox, PoolKey, SandboxPool, default_image, loopwright_home, reap_orphans, remove_dead_slots,
+)
 
 if TYPE_CHECKING:
     from loopwright.runtime.spec import LoopSpec
@@ -69,8 +71,12 @@ class DockerSandboxes:
         )
 
     def reap_orphans(self) -> list[str]:
-        """Remove this Loopwright home's sandboxes whose owner process is gone (not other homes' on the engine)."""
-        return reap_orphans()
+        """Remove this Loopwright home's sandboxes whose owner process is gone (not other homes' on the engine),
+        and the empty warm-pool folders such a process left (beside its runs' worktrees and checks' copies)."""
+        removed = reap_orphans()
+        for folders in Path(loopwright_home()).iterdir():
+            remove_dead_slots(folders)
+        return removed
 
 
 def _pool_key(spec: LoopSpec, folders: Path, verification: bool = False) -> PoolKey:

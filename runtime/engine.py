@@ -87,6 +87,7 @@ class LoopRun:
         self.pins: dict[str, str] = {}  # the oracle's files at the base commit: path -> blob sha
         self.baselines: dict[str, str] = {}  # check index -> file holding its verifier's baseline
         self.budget = Budget()  # what the next model call will cost (runtime/budget.py)
+        self._sending: dict[str, tuple[dict[str, Any], str]] = {}  # a check's model calls begun, not yet recorded
         replaying = self.store.event(run_id, "replay")
         self.replay: dict[str, Any] | None = replaying["data"] if replaying else None  # runtime/replay.py
         self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
@@ -252,19 +253,24 @@ class LoopRun:
                  diff: Callable[[], str]) -> VerifyContext:
         baseline = self.baselines.get(str(index))
         calls = iter(range(1, 1_000_000))
-        sent: dict[str, Any] = {}  # the request a checker is about to send, so its usage teaches the estimate
+        sent = self._sending  # model -> the request a checker is sending, and its event's key
+        data = {"role": "reviewer", "check": self.spec.verify[index].label}
+
+        def key() -> str:
+            return f"{iteration}.check.{index}.model" + (f".{n}" if (n := next(calls)) > 1 else "")
 
         def check_budget(model: str, request: dict[str, Any]) -> None:
             cost = self.budget.estimate(self.rt.settings.price(model), model, request)
             if reason := self.over_budget(self.store.get_run(self.id).spent_usd, cost, "check's model call"):
                 raise BudgetSpent(reason)
-            sent[model] = request
+            sent[model] = (request, self.begin_model_call(key(), iteration, model, "reviewer", cost))
 
         def record(model: str, usage: dict[str, Any], ms: float) -> float:
-            if model in sent:
-                self.budget.sent(model, sent.pop(model), usage)
-            key = f"{iteration}.check.{index}.model" + (f".{n}" if (n := next(calls)) > 1 else "")
-            return self._record_model_call(key, iteration, model, usage, ms, {"role": "reviewer", "check": self.spec.verify[index].label})
+            if model not in sent:  # a verifier that did not check the budget first
+                return self._record_model_call(key(), iteration, model, usage, ms, data)
+            request, begun = sent.pop(model)
+            self.budget.sent(model, request, usage)
+            return self._record_model_call(begun, iteration, model, usage, ms, data, begun=True)
 
         return VerifyContext(self.info, sandbox, iteration, changed, diff, record,
                              json.loads(Path(baseline).read_text()) if baseline else None, check_budget,
@@ -358,23 +364,41 @@ class LoopRun:
     def _run_check(self, ctx: VerifyContext, index: int, check: Any) -> dict[str, Any]:
         verifier = self.rt.host.verifier(check.kind)(check)
         started = time.monotonic()
-        result = verifier.verify(ctx)
+        try:
+            result = verifier.verify(ctx)
+        finally:  # a call the check began and never recorded failed: it cost nothing
+            for model, (_, key) in self._sending.items():
+                self.store.settle_event(self.id, key, {"model": model, "role": "reviewer", "error": "no answer recorded"},
+                                        cost_usd=0.0)
+            self._sending.clear()
         result.name = check.label
         result.duration_ms = (time.monotonic() - started) * 1000
         self._event(f"{ctx.iteration}.check.{index}", "check", ctx.iteration, asdict(result), duration_ms=result.duration_ms)
         return asdict(result)
 
+    def begin_model_call(self, key: str, iteration: int, model: str, role: str, estimate: float) -> str:
+        """Trace a model call before it is sent, its estimated cost counted: if the process dies during the
+        call, the trace and the spend still show it. Returns the event's key (a retry after a crash gets its own)."""
+        return self.store.begin_event(self.id, key, "model_call", iteration, {
+            "model": model, "role": role,
+            "unfinished": "the process died during this call; its cost is the estimate made before it",
+        }, cost_usd=estimate)
+
     def _record_model_call(self, key: str, iteration: int, model: str, usage: dict[str, Any], duration_ms: float,
-                           data: dict[str, Any], cost: float | None = None) -> float:
+                           data: dict[str, Any], cost: float | None = None, begun: bool = False) -> float:
         """Trace a model call with its tokens and cost (priced from the usage unless given); the cost counts
-        against max_cost_usd. `data` names the call's role ("maker", "reviewer") and what else the trace keeps."""
+        against max_cost_usd. `data` names the call's role ("maker", "reviewer") and what else the trace keeps.
+        `begun`: the call was traced before it was sent (`begin_model_call`), and its estimate is replaced."""
         cost = self.rt.settings.cost(model, usage) if cost is None else cost
-        self._event(
-            key, "model_call", iteration, {"model": model, **(data or {})},
+        numbers = dict(
             input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
             cache_write_tokens=usage.get("cache_creation_input_tokens") or 0,
             cache_read_tokens=usage.get("cache_read_input_tokens") or 0, cost_usd=cost, duration_ms=duration_ms,
         )
+        if begun:
+            self.store.settle_event(self.id, key, {"model": model, **data}, **numbers)
+        else:
+            self._event(key, "model_call", iteration, {"model": model, **data}, **numbers)
         return cost
 
     def _commit(self, status: str) -> str | None:
@@ -412,6 +436,8 @@ class LoopRun:
             log.exception("automations could not react to the end of run %s", self.id)
 
     def _finish(self, outcome: dict[str, Any]) -> None:
+        for folder in self.rt.settings.checks.glob(f"{self.id}-*"):  # copies whose removal a crash cut short
+            shutil.rmtree(folder, ignore_errors=True)
         self.store.update_run(
             self.id, status=outcome["status"], reason=outcome["reason"], commit_sha=outcome["commit"] or "",
             finished_at=time.time(),
@@ -615,16 +641,22 @@ class Turn:
         if self._run.replay is not None:  # the recorded answer instead of a model call: free
             reply = replay.answer(self._run.replay, key)
         else:
+            key = await anyio.to_thread.run_sync(self._run.begin_model_call, key, self.iteration, model, "maker", estimate)
             try:  # a maker that ignores call_timeout() is cut a little later
                 with anyio.fail_after(self._call_timeout + GRACE_S):
                     reply = await send(request)
-            except TimeoutError:
-                raise ModelError(f"the maker's call to {model} did not return within {self._call_timeout:.0f}s "
-                                 "(the call's limit: the run's remaining wall time, at most 10 minutes)", "timeout") from None
+            except BaseException as error:  # the call failed (it cost nothing) or was cancelled: settle it so
+                self._run.store.settle_event(self._run.id, key, {"model": model, "role": "maker", "error": str(error)},
+                                             cost_usd=0.0, duration_ms=(time.monotonic() - started) * 1000)
+                if isinstance(error, TimeoutError):
+                    raise ModelError(f"the maker's call to {model} did not return within {self._call_timeout:.0f}s (the "
+                                     "call's limit: the run's remaining wall time, at most 10 minutes)", "timeout") from None
+                raise
         self._run._record_model_call(
             key, self.iteration, model, reply["usage"], (time.monotonic() - started) * 1000,
             {"role": "maker", "stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]],
              **({"replayed": True} if self._run.replay is not None else {})},
+            begun=self._run.replay is None,
         )
         return reply
 
@@ -653,6 +685,9 @@ class Turn:
         if row.pause_requested:
             return {"stop": ["paused", "paused by a person"]}
         call = ToolCall(call_id, name, arguments, self.iteration)
+        begun = {"tool": name, "input": arguments, "unfinished": "the process died during this call"}
+        if not await anyio.to_thread.run_sync(run.store.add_event, run.id, key, "tool_call", self.iteration, begun):
+            return await anyio.to_thread.run_sync(self._interrupted, key)  # an attempt began before a crash
         started = time.monotonic()
         result = self._refused(call)  # no policy hook or tool sees a call that cannot run
         if result is None:
@@ -664,13 +699,28 @@ class Turn:
                 await run.rt.host.after_tool_call(run.info, call, result)
         duration = (time.monotonic() - started) * 1000
         result.content = self._cap_output(key, result.content)
-        run._event(
-            key, "tool_call", self.iteration,
-            {"tool": name, "input": arguments, "is_error": result.is_error,
-             "output": context.truncate(result.content, 2000), **result.details},
-            duration_ms=duration,
-        )
+        run.store.settle_event(run.id, key, {"tool": name, "input": arguments, "is_error": result.is_error,
+                                             "output": context.truncate(result.content, 2000), **result.details},
+                               duration_ms=duration)
         return {"content": result.content, "is_error": result.is_error}
+
+    def _interrupted(self, key: str) -> dict[str, Any]:
+        """A tool call whose step began before the process died is not run again: the maker is told, with
+        what is known of the first attempt."""
+        event = self._run.store.event(self._run.id, key)
+        assert event is not None
+        data = event["data"]
+        if data.get("told"):  # interrupted again, while the maker was being told
+            content = data["told"]
+        elif data.get("unfinished"):
+            content = ("Not run again: this call was interrupted (Loopwright's process died while it ran). Some of "
+                       "its effects may be present in the workspace: check before you repeat it.")
+        else:
+            content = ("Not run again: this call ran, but Loopwright's process died before its result reached you. "
+                       f"Its effects are present. Its output began:\n{data.get('output', '')}")
+        data = {k: v for k, v in data.items() if k != "unfinished"}
+        self._run.store.settle_event(self._run.id, key, {**data, "interrupted": True, "is_error": True, "told": content})
+        return {"content": content, "is_error": True}
 
     def _refused(self, call: ToolCall) -> ToolResult | None:
         """A call of a tool that does not exist, or with input that cannot be what the tool takes."""

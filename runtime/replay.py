@@ -38,7 +38,8 @@ def session_of(store: Store, run_id: str) -> dict[str, Any]:
             seen = event["seq"]
             data = event["data"]
             if event["kind"] == "model_call" and ".model." in event["key"] and "content" in data:
-                answers[event["key"]] = {"stop_reason": data.get("stop_reason"), "content": data["content"]}
+                # A call retried after a crash (key#2, ...) answers for its call: the last answer wins.
+                answers[event["key"].split("#")[0]] = {"stop_reason": data.get("stop_reason"), "content": data["content"]}
     return {"format": FORMAT, "loop": run.loop, "run": run_id, "status": run.status, "answers": answers}
 
 

@@ -215,9 +215,9 @@ class Store:
 
     # --- the trace ------------------------------------------------------------------------------
 
-    def add_event(self, run_id: str, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> None:
-        """Append to the trace once per key; a step that re-runs after a crash does not double it.
-        A cost is added to the run's spend in the same transaction."""
+    def add_event(self, run_id: str, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> bool:
+        """Append to the trace once per key; a step that re-runs after a crash does not double it (False:
+        the key was there already). A cost is added to the run's spend in the same transaction."""
         values = dict(run_id=run_id, key=key, at=time.time(), kind=kind, iteration=iteration,
                       data=json.dumps(data, default=str), **numbers)
         insert = _dialect_insert(self.engine)(events).values(**values).on_conflict_do_nothing(
@@ -228,6 +228,26 @@ class Store:
             if added and numbers.get("cost_usd"):
                 db.execute(runs.update().where(runs.c.id == run_id)
                            .values(spent_usd=runs.c.spent_usd + numbers["cost_usd"]))
+        return added
+
+    def begin_event(self, run_id: str, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> str:
+        """Record a call before it is made, under the first key of `key`, `key#2`, `key#3`... still free: a
+        call a crash interrupted stays in the trace (and its estimated cost in the spend) beside its retry.
+        `settle_event` replaces the estimate with what the call did. Returns the key used."""
+        attempt = 1
+        while not self.add_event(run_id, key if attempt == 1 else f"{key}#{attempt}", kind, iteration, data, **numbers):
+            attempt += 1
+        return key if attempt == 1 else f"{key}#{attempt}"
+
+    def settle_event(self, run_id: str, key: str, data: dict[str, Any], **numbers: Any) -> None:
+        """A begun event's outcome: its data and numbers replaced, the spend corrected, in one transaction."""
+        where = (events.c.run_id == run_id, events.c.key == key)
+        with self.engine.begin() as db:
+            estimated = db.execute(sa.select(events.c.cost_usd).where(*where)).scalar_one()
+            db.execute(events.update().where(*where).values(data=json.dumps(data, default=str), **numbers))
+            if "cost_usd" in numbers:
+                db.execute(runs.update().where(runs.c.id == run_id)
+                           .values(spent_usd=runs.c.spent_usd + numbers["cost_usd"] - estimated))
 
     def event(self, run_id: str, key: str) -> dict[str, Any] | None:
         """One event of a run's trace by its key, or None."""

@@ -129,6 +129,17 @@ def _proc_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+def owner_tag() -> str:
+    """This process as a part of a name, `<pid>-<start time>`: a folder so named is told from a dead process's."""
+    return f"{os.getpid()}-{_proc_start_time(os.getpid()) or ''}"
+
+
+def owner_gone(tag: str) -> bool:
+    """Whether the process an `owner_tag()` names has ended (a pid since reused by another process counts as ended)."""
+    pid, _, started = tag.partition("-")
+    return pid.isdigit() and _proc_start_time(int(pid)) != started
+
+
 def _owner_alive(labels: dict) -> bool | None:
     """True/False for containers owned from this host; None when owned from elsewhere (cannot tell)."""
     if labels.get("loopwright.owner.host") != socket.gethostname():
@@ -478,7 +489,7 @@ def _launch(options: dict) -> dict:
     if options["agent"]:
         # The socket sits in a folder only the owner can enter on the host (the container mounts the
         # inner folder directly), so no other host user can pose as the agent while it starts.
-        private = Path(tempfile.mkdtemp(prefix=f"{_AGENT_FOLDER_PREFIX}{me}-{labels['loopwright.owner.started']}-"))
+        private = Path(tempfile.mkdtemp(prefix=f"{_AGENT_FOLDER_PREFIX}{owner_tag()}-"))
         shared = private / "agent"
         shared.mkdir(mode=0o755)
         shutil.copyfile(AGENT_SOURCE, shared / "agent.py")
@@ -647,12 +658,10 @@ def reap_orphans(home: str | os.PathLike | None = None) -> list[str]:
             _force_remove(c["id"])
             removed.append(c["name"])
     for folder in Path(tempfile.gettempdir()).glob(f"{_AGENT_FOLDER_PREFIX}*"):
-        pid, _, rest = folder.name.removeprefix(_AGENT_FOLDER_PREFIX).partition("-")
-        started = rest.rpartition("-")[0]
         try:
             mine = folder.stat().st_uid == os.getuid()
         except FileNotFoundError:  # removed meanwhile (its start finished, or another home's reaper)
             continue
-        if pid.isdigit() and mine and _proc_start_time(int(pid)) != started:
+        if mine and owner_gone(folder.name.removeprefix(_AGENT_FOLDER_PREFIX).rpartition("-")[0]):
             shutil.rmtree(folder, ignore_errors=True)
     return removed

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .docker import START_TIMEOUT_S, DockerSandbox, SandboxError, give_worktree_to_sandbox_user
+from .docker import START_TIMEOUT_S, DockerSandbox, SandboxError, give_worktree_to_sandbox_user, owner_gone, owner_tag
 
 POOL_FOLDER = ".pool"
 UNCLAIMED_AFTER_S = 600.0  # a reserved slot not claimed by then belongs to a run that failed before its start
@@ -140,7 +140,7 @@ class SandboxPool:
             self._remove(slot)
 
     def _start_slot(self, key: PoolKey) -> _Slot:
-        name = f"pool-{secrets.token_hex(4)}"
+        name = f"pool-{owner_tag()}-{secrets.token_hex(4)}"
         folder = key.worktrees / POOL_FOLDER / name
         folder.mkdir(parents=True)
         stat = folder.stat()
@@ -162,3 +162,14 @@ class SandboxPool:
             pass  # reserve() drops the slot; runs start their own sandboxes, which report the error
         finally:
             slot.ready.set()
+
+
+def remove_dead_slots(folders: Path) -> None:
+    """Remove the empty slot folders that processes which have ended left in `folders`' pool (a process killed
+    with idle slots; their containers are reaped apart)."""
+    for folder in (folders / POOL_FOLDER).glob("pool-*"):
+        if owner_gone(folder.name.removeprefix("pool-").rpartition("-")[0]):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass  # not empty: a run's worktree was made in it
