@@ -429,6 +429,14 @@ def mcp(loops_dir: Path | None) -> None:
 
 
 @main.command()
+def worker() -> None:
+    """Execute queued runs (and runs whose process died), then exit once none is left for a few seconds.
+    `loopwright mcp` starts one when no daemon runs, so that runs outlive the MCP client."""
+    runtime = _runtime()
+    runtime.work_until_idle()
+
+
+@main.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to listen on")
 @click.option("--port", default=8765, show_default=True, type=int, help="port to listen on (0: any free port)")
 @click.option("--loops", "loops_dir", type=click.Path(path_type=Path), help="folder of loop specs (default: ./loops)")

@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -90,7 +91,8 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
         Give `loop`, the name of a loop from list_loops, or `spec`, a whole loop spec as TOML text
         (its workspace.repo must be an absolute path). `max_iterations`, `max_cost_usd` (dollars) and
         `max_wall_time` (e.g. "20m") override the spec's budgets for this run only.
-        Follow the run with get_run or wait_for_run.
+        `executed_by` says which process runs it (the daemon, or a worker process that outlives this
+        session and exits when no run is left). Follow the run with get_run or wait_for_run.
         """
         if (loop is None) == (spec is None):
             raise ToolError("give exactly one of `loop` (a name from list_loops) or `spec` (TOML text)")
@@ -104,7 +106,9 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
                 data["stop"].update({k: v for k, v in budgets.items() if v is not None})
                 parsed = parse_spec(data, f"{loop or 'inline spec'} with the budgets given to start_loop")
             run = await anyio.to_thread.run_sync(runtime.start_run, parsed)
-            return {"run_id": run.id, "loop": run.loop, "branch": run.branch, "status": run.status}
+            executed_by = await anyio.to_thread.run_sync(runtime.ensure_executor)
+            return {"run_id": run.id, "loop": run.loop, "branch": run.branch, "status": run.status,
+                    "executed_by": executed_by}
 
     @mcp.tool()
     async def get_run(run_id: str) -> dict[str, Any]:
@@ -197,16 +201,17 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
 
 
 def serve_stdio(loops_dir: Path | None = None) -> None:
-    """`loopwright mcp`. With a daemon running, the daemon executes the runs, so they outlive this
-    session; without one, this process executes them and a later process recovers what it leaves."""
+    """`loopwright mcp`. It executes no run itself: a daemon does, or else a detached worker it starts
+    (`loopwright worker`), so runs outlive this session and its client."""
     runtime = Runtime()
     # The durable executor starts beside the server, not before it: a client lists the tools at once
     # (Claude Code in -p mode sends its first request without waiting long). A run started meanwhile
     # is queued, and taken when the executor is up.
     loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
     server = build_server(runtime, loops)
-    if runtime.running_daemon() is None:
-        runtime.launch_in_background()
+    if runtime.running_daemon() is None:  # a daemon executes the runs, or a worker this process starts
+        runtime.launch_in_background(take_work=False)
+        threading.Thread(target=runtime.hand_over_orphans, name="loopwright-hand-over", daemon=True).start()
     # A client ends the server with SIGTERM: exit normally so this process's sandboxes are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:

@@ -115,12 +115,12 @@ def headline(result: ExecResult, tests: dict[str, str] | None) -> str:
 
 class CommandVerifier:
     def __init__(self, check: VerifySpec):
-        self.check = check
+        self.spec = check
         self.pytest = bool(_PYTEST.search(check.run or ""))
 
     def _run(self, ctx: VerifyContext) -> tuple[ExecResult, Report | None]:
-        timeout = self.check.timeout_s or ctx.run.spec.sandbox.tool_timeout_s
-        command = self.check.run or ""
+        timeout = self.spec.timeout_s or ctx.run.spec.sandbox.tool_timeout_s
+        command = self.spec.run or ""
         if not self.pytest:
             return ctx.sandbox.run(command, timeout=timeout), None
         report = REPORT  # in the fresh /tmp of the verification sandbox, outside the tree
@@ -151,7 +151,7 @@ class CommandVerifier:
                                  else "a test of the base commit, skipped now")
                          for test in missing_tests(report.tests, baseline or {}) if report.tests.get(test) != "failed"]
         score = float(len(failures)) if report is not None else None
-        metric, figure = self.check.metric, None
+        metric, figure = self.spec.metric, None
         if metric is not None:
             figure = score = metric.read(output)
             if figure is None:
@@ -161,10 +161,10 @@ class CommandVerifier:
                     + (f"; {summary}" if tests else "")
         clean_exit = result.exit_code == 0 and not result.timed_out
         if clean_exit and not problems and (metric is None or metric.met(figure or 0.0)):
-            return CheckResult(self.check.label, True, headline=summary, score=score,
+            return CheckResult(self.spec.label, True, headline=summary, score=score,
                                better=metric.better if metric else "lower")
         if result.timed_out:
-            why = f"timed out after {self.check.timeout_s or ctx.run.spec.sandbox.tool_timeout_s:g}s"
+            why = f"timed out after {self.spec.timeout_s or ctx.run.spec.sandbox.tool_timeout_s:g}s"
         elif not clean_exit or metric is None or figure is None:
             why = f"exit code {result.exit_code}"
         elif metric.target is None:
@@ -172,14 +172,14 @@ class CommandVerifier:
         else:
             why = f"the metric is {figure:g}, the target {metric.target:g} ({metric.better} is better)"
         said = "".join(f"\n- {problem}" for problem in problems)
-        feedback = f"`{self.check.run}` did not pass ({why}){said}\n{truncate(output, FEEDBACK_LIMIT)}"
+        feedback = f"`{self.spec.run}` did not pass ({why}){said}\n{truncate(output, FEEDBACK_LIMIT)}"
         if figure is not None:  # the same figure is the same result, whatever else the output says
             signature = failure_signature(result.exit_code, f"metric {figure!r}" + said)
         elif failures or problems:  # the same tests failing is the same failure, whatever the output says
             signature = failure_signature(1, "\n".join(f.id for f in failures) + said)
         else:
             signature = failure_signature(result.exit_code, output)
-        return CheckResult(self.check.label, False, feedback, signature, headline=summary, failures=failures,
+        return CheckResult(self.spec.label, False, feedback, signature, headline=summary, failures=failures,
                            score=score, better=metric.better if metric else "lower")
 
 

@@ -106,25 +106,29 @@ def check_result(label: str, model: str, verdict: dict[str, Any]) -> CheckResult
 
 
 class RubricReviewer:
-    def __init__(self, check: VerifySpec):
+    def __init__(self, spec: VerifySpec):
+        self.spec = spec
+        self.model = spec.model or DEFAULT_MODEL
+
+    def check(self) -> None:
+        """Where the run executes (before it starts there, and before each review): is there a key?"""
         if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
             raise ConfigError(
                 "the rubric reviewer needs ANTHROPIC_API_KEY (or ANTHROPIC_AUTH_TOKEN) in the environment; "
                 "set ANTHROPIC_BASE_URL too to use another Anthropic-compatible endpoint"
             )
-        self.check = check
-        self.model = check.model or DEFAULT_MODEL
 
     def verify(self, ctx: VerifyContext) -> CheckResult:
         import anthropic  # here, not at start-up: the SDK takes a while to import
 
+        self.check()
         request = {
             "model": self.model,
             "max_tokens": MAX_TOKENS,
             "system": SYSTEM,
             "tools": [VERDICT_TOOL],
             "tool_choice": {"type": "tool", "name": VERDICT_TOOL["name"]},
-            "messages": [{"role": "user", "content": review_prompt(ctx, self.check.rubric or "", ctx.diff())}],
+            "messages": [{"role": "user", "content": review_prompt(ctx, self.spec.rubric or "", ctx.diff())}],
         }
         ctx.check_budget(self.model, request)  # raises BudgetSpent rather than cross max_cost_usd
         timeout = ctx.call_timeout()
@@ -144,7 +148,7 @@ class RubricReviewer:
                 raise ModelError(f"the rubric reviewer cannot reach the model API at {endpoint}: {error}",
                                  "connection", endpoint) from None
         ctx.record_model_call(self.model, message.usage.model_dump(exclude_none=True), (time.monotonic() - started) * 1000)
-        return check_result(self.check.label, self.model, _verdict_input(message))
+        return check_result(self.spec.label, self.model, _verdict_input(message))
 
 
 @hookimpl(trylast=True)

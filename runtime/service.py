@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -25,6 +27,8 @@ VERSION = "0.1.0"
 RUN_QUEUE = "loopwright-runs"  # every process that executes runs takes queued runs from here
 WORKFLOW = "loopwright.run"
 DAEMON_FILE = "daemon.json"  # written by `loopwright serve`: its owner id and URL
+WORKER_FILE = "worker.json"  # written by `loopwright worker`: its owner id
+WORKER_IDLE_S = 5.0  # a worker with nothing to execute for this long exits
 
 
 class RunError(Exception):
@@ -92,6 +96,7 @@ class Runtime:
         self._launch_error: BaseException | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
         self.launched = False
+        self.takes_work = False  # executes queued runs (a daemon, a worker), not only its own
         self._client: Any = None
 
     @property
@@ -115,8 +120,8 @@ class Runtime:
 
     def launch(self, *, take_work: bool = True) -> None:
         """Start the durable executor and clear sandboxes of dead processes. With `take_work` (a
-        daemon, an MCP server, `recover`), also take queued runs and the runs of dead processes;
-        a foreground `loopwright run` executes only its own run."""
+        daemon, a worker, `recover`), also take queued runs and the runs of dead processes; a
+        foreground `loopwright run` executes only its own run, and an MCP server over stdio none."""
         from dbos import DBOS
 
         from .engine import bind_runtime
@@ -135,7 +140,7 @@ class Runtime:
             DBOS.listen_queues([])
         DBOS.launch()
         DBOS.register_queue(RUN_QUEUE, worker_concurrency=self.settings.max_parallel_runs, polling_interval_sec=0.2)
-        self.launched = True
+        self.launched, self.takes_work = True, take_work
         for contribution in self.host.registries["sandboxes"].values():
             removed = contribution.value.reap_orphans()
             if removed:
@@ -143,12 +148,12 @@ class Runtime:
         if take_work:
             self.recover_orphaned_runs()
 
-    def launch_in_background(self) -> None:
+    def launch_in_background(self, *, take_work: bool = True) -> None:
         """`launch()` in a thread, so that an MCP server answers its client meanwhile. Whatever needs the
         durable executor or its tables (starting, steering, waking a run) waits for it first."""
         def launch() -> None:
             try:
-                self.launch()
+                self.launch(take_work=take_work)
             except BaseException as error:  # re-raised by wait_launched, in the thread that needs it
                 self._launch_error = error
 
@@ -176,15 +181,17 @@ class Runtime:
             taken.append(run.id)
         return taken
 
-    def preflight(self, spec: LoopSpec, *, replay: bool = False) -> None:
-        """Refuse a run that cannot work, before anything is created. A replayed run calls no model,
-        so its maker's own check (an API key) is skipped."""
+    def preflight(self, spec: LoopSpec, *, replay: bool = False, here: bool = True) -> None:
+        """Refuse a run that cannot work, before anything is created. The makers' and checkers' own
+        checks (an API key) are for the process that executes the run: skipped when the run is handed
+        to another (a daemon may hold a key this process lacks), and for a replay, which calls no model."""
         maker = self.host.agent(spec.agent.kind)(spec.agent, self.settings)
-        if not replay and hasattr(maker, "check"):
-            maker.check()
+        checkers = [self.host.verifier(check.kind)(check) for check in spec.verify]
+        if here and not replay:
+            for part in [maker, *checkers]:
+                if callable(check := getattr(part, "check", None)):
+                    check()
         self.host.sandbox(spec.sandbox.kind)
-        for check in spec.verify:
-            self.host.verifier(check.kind)(check)  # a verifier that cannot work (e.g. no API key) says so now
         self.settings.price(spec.agent.model)
         repo = Path(spec.workspace.repo)
         if not (repo / ".git").exists():
@@ -202,7 +209,7 @@ class Runtime:
         self.wait_launched()
         if here and not self.launched:
             raise RunError("this process does not execute runs; call launch() first")
-        self.preflight(spec, replay=replay is not None)
+        self.preflight(spec, replay=replay is not None, here=here)
         run_id = run_id or new_run_id()
         run = self.store.create_run(
             run_id, spec.name, spec.model_dump(mode="json"), spec.workspace.repo, f"loopwright/{spec.name}/{run_id}"
@@ -220,6 +227,52 @@ class Runtime:
                 run_id,
             )
         return run
+
+    def ensure_executor(self) -> str:
+        """Make sure a process executes queued runs: this one, the daemon, a worker, or else a new worker,
+        detached from this process so that runs outlive it (an MCP server over stdio ends with its client).
+        Returns which, in words for whoever started the run."""
+        if self.running_daemon() is not None:
+            return "the daemon"
+        if self.takes_work:
+            return "this process"
+        if self.running_worker() is not None:
+            return "a worker process (it outlives this session)"
+        with open(self.settings.home / "worker.log", "ab") as log_file:  # the worker keeps its own copy open
+            subprocess.Popen([sys.executable, "-m", "loopwright.cli", "worker"], stdin=subprocess.DEVNULL,
+                             stdout=log_file, stderr=log_file, start_new_session=True)
+        return "a worker process started for it (it outlives this session)"
+
+    def hand_over_orphans(self) -> None:
+        """Queued runs, and runs whose process died, get an executor (see `ensure_executor`)."""
+        self.wait_launched()
+        if any(not r.finished and (not r.owner or not owner_is_alive(r.owner)) for r in self.store.list_runs(limit=1000)):
+            self.ensure_executor()
+
+    def running_worker(self) -> dict[str, Any] | None:
+        """The `loopwright worker` process of this LOOPWRIGHT_HOME, if one is alive."""
+        return self._alive(WORKER_FILE)
+
+    def work_until_idle(self, idle_s: float = WORKER_IDLE_S) -> None:
+        """`loopwright worker`: execute queued runs and those of dead processes; return once none is left
+        for `idle_s` seconds (runs waiting for a person keep it working)."""
+        path = self.settings.home / WORKER_FILE
+        path.write_text(json.dumps({"owner": self.owner, "pid": os.getpid()}))
+        try:
+            self.launch()
+            idle_since = time.monotonic()
+            while time.monotonic() - idle_since < idle_s:
+                time.sleep(0.5)
+                self.recover_orphaned_runs()
+                if any(not r.finished and r.owner in ("", self.owner) for r in self.store.list_runs(limit=1000)):
+                    idle_since = time.monotonic()
+            for run in self.store.list_runs(limit=1000):
+                if run.owner == self.owner:
+                    self.wait_executed(run.id)  # its last steps, after it is marked finished
+        finally:
+            if json.loads(path.read_text()).get("owner") == self.owner:
+                path.unlink()
+            self.shutdown()
 
     def _start_workflow(self, run_id: str) -> None:
         from dbos import DBOS, SetWorkflowID
@@ -253,8 +306,12 @@ class Runtime:
 
     def running_daemon(self) -> dict[str, Any] | None:
         """The `loopwright serve` process of this LOOPWRIGHT_HOME, if one is alive."""
+        return self._alive(DAEMON_FILE)
+
+    def _alive(self, name: str) -> dict[str, Any] | None:
+        """What a process wrote about itself in the home's file `name`, if that process is alive."""
         try:
-            info = json.loads((self.settings.home / DAEMON_FILE).read_text())
+            info = json.loads((self.settings.home / name).read_text())
         except (FileNotFoundError, ValueError):
             return None
         return info if owner_is_alive(info.get("owner", "")) else None

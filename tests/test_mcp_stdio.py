@@ -7,8 +7,9 @@ import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import FIX, ROOT, write_spec
+from conftest import FIX, ROOT, wait_for, write_spec
 from model_server import text, tool_use
+from loopwright.runtime.store import Store
 
 
 
@@ -121,3 +122,16 @@ async def test_wait_for_run_reports_progress_each_iteration_and_returns_the_fini
     assert (run["status"], run["iteration"]) == ("succeeded", 2)
     assert progress[-1] == (2, run["max_iterations"])
     assert [done for done, _ in progress] == sorted({done for done, _ in progress})
+
+
+@pytest.mark.anyio
+async def test_a_run_outlives_the_client_that_started_it(home, project, model):
+    model([tool_use("run_command", {"command": "sleep 2"}), FIX, text("fixed")])
+    async with Client(server_params(project / "loops")) as client:
+        started = await call(client, "start_loop", spec=write_spec(project).read_text())
+        assert "worker process" in started["executed_by"]
+    # The client is gone, and the server with it; a detached worker executes the run.
+    store = Store(f"sqlite:///{home / 'loopwright.sqlite'}")
+    run = wait_for(lambda: (run := store.get_run(started["run_id"])).finished and run, "the run finishes", timeout=180)
+    assert (run.status, run.iteration) == ("succeeded", 1)
+    wait_for(lambda: not (home / "worker.json").exists(), "the worker exits once no run is left", timeout=60)
