@@ -174,9 +174,10 @@ class Runtime:
         for run in self.store.list_runs(limit=1000):
             if run.finished or run.owner == self.owner or owner_is_alive(run.owner):
                 continue
-            handles = DBOS._recover_pending_workflows([run.owner])
-            if not handles and DBOS.get_workflow_status(run.id) is None:
+            if DBOS.get_workflow_status(run.id) is None:
                 self._start_workflow(run.id)  # the process died before the workflow was recorded
+            else:  # back on the queue, from its last finished step: whichever process executes runs takes it
+                DBOS.resume_workflow(run.id, queue_name=RUN_QUEUE)
             self.store.update_run(run.id, owner=self.owner)
             taken.append(run.id)
         return taken
