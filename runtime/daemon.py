@@ -6,7 +6,9 @@ runs, enters the lifespans and starts the tasks it was given, then writes
 `LOOPWRIGHT_HOME/daemon.json` ({"owner", "url", "pid"}) so `loopwright mcp` knows runs will be
 executed here. SIGTERM or SIGINT shut it down cleanly: daemon.json is removed, runs in flight are
 left for recovery (the next process that launches the Runtime continues them from their last
-finished step), and sandboxes are removed by the sandbox module's exit handler.
+finished step), and sandboxes are removed by the sandbox module's exit handler. Every
+TAKEOVER_INTERVAL_S it also takes over runs whose process died meanwhile: several daemons (one per
+home) on one database share the run queue, and the survivors finish a dead one's runs.
 
 Other parts of Loopwright plug into it without the daemon knowing them (this module imports
 neither `mcp_server` nor any plugin):
@@ -69,10 +71,22 @@ LOCK_FILE = "daemon.lock"
 DEFAULT_PORT = 8765
 STARTUP_TIMEOUT_S = 30
 GRACEFUL_SHUTDOWN_S = 3  # open streams (waits, subscriptions) are cut after this
+TAKEOVER_INTERVAL_S = 10.0  # how often a daemon looks for runs whose process died (another daemon's, a worker's)
 
 
 class DaemonError(Exception):
     """The daemon cannot start; the message says why and what to do."""
+
+
+async def _take_over(daemon: Daemon, *, task_status: Any) -> None:
+    """Runs whose process died while the daemon serves (another daemon on the same database, a worker)
+    continue here, from their last finished step; each goes back on the shared queue once."""
+    task_status.started()
+    while True:
+        await anyio.sleep(TAKEOVER_INTERVAL_S)
+        taken = await anyio.to_thread.run_sync(daemon.runtime.recover_orphaned_runs)
+        if taken:
+            log.warning("took over runs whose process died: %s", ", ".join(taken))
 
 
 # --- the token -----------------------------------------------------------------------------------
@@ -213,7 +227,7 @@ class Daemon:
         self._routes: list[BaseRoute] = []
         self._public_paths: set[str] = set()
         self._lifespans: list[Callable[[], AbstractAsyncContextManager[Any]]] = []
-        self._tasks: list[_Task] = []
+        self._tasks: list[_Task] = [_Task("take over runs of dead processes", _take_over)]
         self._server: _Uvicorn | None = None
         self._startup_error: Exception | None = None
 

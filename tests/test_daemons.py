@@ -1,0 +1,72 @@
+"""Several daemons on one database share the run queue: when one dies, another takes over its runs, and
+each run is executed to its end once (real `loopwright serve` processes, real sandboxes, the SDK)."""
+
+import os
+import signal
+import subprocess
+import time
+
+import anyio
+import pytest
+
+from conftest import FIX, write_spec
+from daemon_process import DaemonProcess
+from model_server import text, tool_use
+from loopwright.runtime.store import Store
+from test_automations import add_loop, clock  # noqa: F401 - clock is a fixture
+from test_mcp_stdio import call
+
+RUNS = 6
+
+
+def slow_fix(request: dict) -> dict:
+    """A few seconds of work, then the fix: a run lasts long enough to be cut by a kill."""
+    done = sum(1 for m in request["messages"] if m["role"] == "assistant" for b in m["content"] if b["type"] == "tool_use")
+    return [tool_use("run_command", {"command": "sleep 3"}), FIX][done] if done < 2 else text("fixed")
+
+
+@pytest.mark.anyio
+async def test_a_killed_daemons_runs_are_finished_by_the_other_once(tmp_path, project, model, monkeypatch, clock):  # noqa: F811
+    model(slow_fix)
+    database = f"sqlite:///{tmp_path / 'shared.sqlite'}"
+    monkeypatch.setenv("LOOPWRIGHT_DATABASE_URL", database)
+    monkeypatch.setenv("LOOPWRIGHT_LOAD_PLUGINS", "")
+    clock("2026-03-02T06:59:40+00:00")
+    loops = add_loop(project, "nightly", [{"kind": "cron", "schedule": "0 7 * * *"}])
+    first, second = (DaemonProcess(tmp_path / f"home-{n}", loops, env=dict(os.environ)) for n in (1, 2))
+    store = Store(database)
+    try:
+        async with first.client() as client:
+            spec = write_spec(project, stop={"max_iterations": 2}).read_text()
+            ids = [(await call(client, "start_loop", spec=spec))["run_id"] for _ in range(RUNS)]
+        with anyio.fail_after(60):  # until the first daemon is in the middle of a run
+            while not any(r.owner == first.info["owner"] and r.iteration >= 1 for r in map(store.get_run, ids)):
+                await anyio.sleep(0.2)
+        orphans = [r.id for r in map(store.get_run, ids) if r.owner == first.info["owner"] and not r.finished]
+        clock("2026-03-02T07:00:05+00:00")  # a cron firing falls due while one daemon dies
+        first.process.send_signal(signal.SIGKILL)
+        first.process.wait()
+        killed = time.monotonic()
+
+        with anyio.fail_after(90):
+            while not all(store.get_run(run_id).finished for run_id in ids):
+                await anyio.sleep(0.5)
+        assert time.monotonic() - killed < 60  # the survivor finished every run within a minute of the kill
+        for run_id in ids:
+            run = store.get_run(run_id)
+            assert (run.status, run.iteration) == ("succeeded", 1), (run_id, run.status, run.reason)
+            subjects = subprocess.run(["git", "-C", str(project), "log", "--format=%s", f"main..{run.branch}"],
+                                      capture_output=True, text=True, check=True).stdout.splitlines()
+            assert len(subjects) == 2 and subjects[1].startswith("iteration 1: pass"), subjects  # executed to its end once
+        assert orphans and all(store.get_run(run_id).owner == second.info["owner"] for run_id in orphans)
+
+        with anyio.fail_after(60):  # the due firing: one run, whichever daemon saw it first
+            while not store.list_runs("nightly"):
+                await anyio.sleep(0.5)
+        await anyio.sleep(3)  # more ticks of the survivor fire nothing more
+        assert len(store.list_runs("nightly")) == 1
+    finally:
+        for daemon in (first, second):
+            if daemon.process.poll() is None:
+                daemon.process.send_signal(signal.SIGTERM)
+                daemon.process.wait(timeout=60)
