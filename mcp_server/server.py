@@ -17,7 +17,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.plugin_host import PluginError
 from loopwright.runtime.service import RunError, Runtime
-from loopwright.runtime.spec import SpecError, load_spec, parse_spec, parse_spec_text
+from loopwright.runtime.spec import Float, Int, SpecError, load_spec, parse_spec, parse_spec_text
 from loopwright.runtime.records import UnknownRun
 from loopwright.runtime.types import STALL_TOOL
 
@@ -63,6 +63,9 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
     resources.install(mcp)
 
     def loop_file(name: str) -> Path:
+        if not name or name.startswith(".") or Path(name).name != name or "\x00" in name:
+            raise ToolError(f"{name[:100]!r} is not a loop name: give the name of a loop from list_loops "
+                            "(a file name in the loops folder, without .toml)")
         path = loops_dir / f"{name}.toml"
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in loops_dir.glob("*.toml"))) or "none"
@@ -84,8 +87,8 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
         return {"loops_dir": str(loops_dir), "loops": loops}
 
     @mcp.tool()
-    async def start_loop(loop: str | None = None, spec: str | None = None, max_iterations: int | None = None,
-                         max_cost_usd: float | None = None, max_wall_time: str | None = None) -> dict[str, Any]:
+    async def start_loop(loop: str | None = None, spec: str | None = None, max_iterations: Int | None = None,
+                         max_cost_usd: Float | None = None, max_wall_time: str | None = None) -> dict[str, Any]:
         """Start a run of a loop and return its run id at once.
 
         Give `loop`, the name of a loop from list_loops, or `spec`, a whole loop spec as TOML text
@@ -98,7 +101,7 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
             raise ToolError("give exactly one of `loop` (a name from list_loops) or `spec` (TOML text)")
         budgets = {"max_iterations": max_iterations, "max_cost_usd": max_cost_usd, "max_wall_time": max_wall_time}
         with _as_tool_errors():
-            parsed = load_spec(loop_file(loop)) if loop else parse_spec_text(spec or "", "inline spec")
+            parsed = load_spec(loop_file(loop)) if loop is not None else parse_spec_text(spec or "", "inline spec")
             if spec and not Path(parsed.workspace.repo).is_absolute():
                 raise ToolError("an inline spec needs an absolute workspace.repo: the path of the git repository to work on")
             if any(value is not None for value in budgets.values()):

@@ -69,8 +69,9 @@ class Cron:
             raise ValueError(f"schedule: expected a 5-field cron expression such as '0 7 * * 1-5', got {schedule!r}")
         try:
             self.zone = ZoneInfo(str(settings.get("timezone", "UTC")))
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"timezone: expected an IANA name such as 'Europe/Paris', got {settings['timezone']!r}") from None
+        except (ZoneInfoNotFoundError, ValueError, OSError):  # a name too long for a file: OSError
+            raise ValueError("timezone: expected an IANA name such as 'Europe/Paris', got "
+                             f"{str(settings['timezone'])[:80]!r}") from None
         self.schedule = schedule
 
     def poll(self, ctx: Context) -> None:

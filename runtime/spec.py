@@ -9,7 +9,9 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator,
+)
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -33,11 +35,23 @@ def _positive_duration(value: str | float) -> str | float:
     return value
 
 
-Duration = Annotated[str | float, AfterValidator(_positive_duration)]
+def _a_number(value: Any) -> Any:
+    """TOML's true and false, and NaN or an infinity, are no number of anything (in lax mode pydantic
+    would read true as 1)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"expected a finite number, got {value}")
+    return value
+
+
+Duration = Annotated[str | float, BeforeValidator(_a_number), AfterValidator(_positive_duration)]
+Int = Annotated[int, BeforeValidator(_a_number)]
+Float = Annotated[float, BeforeValidator(_a_number)]
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class Workspace(_Section):
@@ -49,9 +63,9 @@ class SandboxSpec(_Section):
     image: str | None = None  # None: the locally built default image
     network: Literal["none", "bridge"] = "none"
     memory: str = "1g"
-    pids_limit: int = Field(256, ge=16, le=65536)
-    cpus: float = Field(1.0, gt=0, le=64)
-    tool_timeout_s: float = Field(120, gt=0, le=86400)
+    pids_limit: Int = Field(256, ge=16, le=65536)
+    cpus: Float = Field(1.0, gt=0, le=64)
+    tool_timeout_s: Float = Field(120, gt=0, le=86400)
 
     @field_validator("memory")
     @classmethod
@@ -64,8 +78,8 @@ class SandboxSpec(_Section):
 class AgentSpec(_Section):
     kind: str = "anthropic"
     model: str = "claude-sonnet-5-5"
-    max_tool_calls: int = Field(40, ge=1, le=10_000)
-    max_tokens: int = Field(8192, ge=1, le=200_000)
+    max_tool_calls: Int = Field(40, ge=1, le=10_000)
+    max_tokens: Int = Field(8192, ge=1, le=200_000)
     skills: list[str] = []  # skill folders (or folders of them), relative to the spec file
     system: str | None = None  # extra instructions appended to the built-in system prompt
     # kind = "command": a CLI agent run in the sandbox that prints its usage, e.g.
@@ -88,7 +102,7 @@ class MetricSpec(_Section):
 
     pattern: str = Field(min_length=1)  # a regular expression; its first group (or the match) is the number
     better: Literal["lower", "higher"]
-    target: float | None = None
+    target: Float | None = None
 
     @field_validator("pattern")
     @classmethod
@@ -124,14 +138,14 @@ class MetricSpec(_Section):
 class VerifySpec(BaseModel):
     """One check. `kind` picks the verifier plugin; other keys are that plugin's settings."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     kind: str
     name: str | None = None
     run: str | None = None  # kind = "command": the shell command; exit code 0 means pass
     protect: list[str] = []
     # Also protect the test runner's configuration and import path (docs/verification.md); false opts out.
     protect_runner: bool = True
-    timeout_s: float | None = Field(None, gt=0)
+    timeout_s: Float | None = Field(None, gt=0)
     model: str | None = None  # kind = "rubric": the reviewer's model
     rubric: str | None = None  # kind = "rubric": what the diff must satisfy
     metric: MetricSpec | None = None  # kind = "command": the figure the command prints, as the check's score
@@ -158,11 +172,11 @@ StallStage = Literal["hint", "ask", "stop"]
 
 
 class StopSpec(_Section):
-    max_iterations: int = Field(10, ge=1, le=10_000)
-    max_cost_usd: float = Field(5.0, gt=0)
+    max_iterations: Int = Field(10, ge=1, le=10_000)
+    max_cost_usd: Float = Field(5.0, gt=0)
     max_wall_time: Duration = "30m"
     # A stall: the checks' best result has not improved for this many iterations (docs/loops.md).
-    stall_after: int = Field(3, ge=2, le=1000)
+    stall_after: Int = Field(3, ge=2, le=1000)
     # What each stall does, in order: "hint" (tell the maker, give it stall_after more iterations),
     # "ask" (a person continues the run with a note, or stops it), "stop". Past the last stage: stop.
     on_stall: list[StallStage] = Field(["stop"], min_length=1, max_length=100)
@@ -185,9 +199,9 @@ class StopSpec(_Section):
 class MemorySpec(_Section):
     notes: bool = True  # markdown progress notes kept per loop, fed to the next iteration and run
     kv: bool = False  # memory_get / memory_set tools, scoped to the loop: offered only when asked for
-    budget_chars: int = Field(4000, ge=200, le=200_000)  # the most text of earlier runs the system prompt carries
+    budget_chars: Int = Field(4000, ge=200, le=200_000)  # the most text of earlier runs the system prompt carries
     # The working memory: a line per earlier iteration of this run, newest kept, in every opening message.
-    working_chars: int = Field(800, ge=200, le=50_000)
+    working_chars: Int = Field(800, ge=200, le=50_000)
 
 
 class McpServerSpec(_Section):
@@ -234,13 +248,13 @@ class TriggerSpec(BaseModel):
     """What starts runs of the loop (docs/automations.md). `kind` picks the automation plugin; other
     keys are that kind's settings, checked by the plugin (`loopwright validate` reports them)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
     kind: str
     # Part of the automation's id, <loop>/<name>, and of a webhook's URL. Default: the kind for the
     # first trigger of a kind, then <kind>-2, <kind>-3, ...
     name: str | None = Field(None, pattern=r"^[a-z0-9][a-z0-9_-]{0,39}$")
-    max_runs_per_day: int | None = Field(None, ge=0)  # firings beyond it are skipped (UTC days)
-    max_cost_usd_per_day: float | None = Field(None, ge=0)  # spend of today's runs it started
+    max_runs_per_day: Int | None = Field(None, ge=0)  # firings beyond it are skipped (UTC days)
+    max_cost_usd_per_day: Float | None = Field(None, ge=0)  # spend of today's runs it started
 
 
 class LoopSpec(_Section):
@@ -330,6 +344,9 @@ def _problems(error: ValidationError) -> list[str]:
     return problems
 
 
+TOO_DEEP = "(top level): arrays or tables nested too deeply to be a loop spec"
+
+
 def parse_spec(data: dict[str, Any], source: str = "<inline spec>") -> LoopSpec:
     """Validate a spec given as a dict (from TOML or an MCP call)."""
     if not isinstance(data, dict):
@@ -338,6 +355,8 @@ def parse_spec(data: dict[str, Any], source: str = "<inline spec>") -> LoopSpec:
         return LoopSpec.model_validate(data)
     except ValidationError as error:
         raise SpecError(source, _problems(error)) from None
+    except RecursionError:
+        raise SpecError(source, [TOO_DEEP]) from None
 
 
 def parse_spec_text(text: str, source: str = "<inline spec>") -> LoopSpec:
@@ -345,6 +364,8 @@ def parse_spec_text(text: str, source: str = "<inline spec>") -> LoopSpec:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(source, [f"not valid TOML: {error}"]) from None
+    except RecursionError:
+        raise SpecError(source, [TOO_DEEP]) from None
     return parse_spec(data, source)
 
 
