@@ -29,6 +29,8 @@ WORKFLOW = "loopwright.run"
 DAEMON_FILE = "daemon.json"  # written by `loopwright serve`: its owner id and URL
 WORKER_FILE = "worker.json"  # written by `loopwright worker`: its owner id
 WORKER_IDLE_S = 5.0  # a worker with nothing to execute for this long exits
+HEARTBEAT_S = 10.0  # how often a process that executes runs says it is alive (in the database)
+HEARTBEAT_STALE_S = 60.0  # a process on another machine silent for this long is dead: its runs are taken over
 
 
 class RunError(Exception):
@@ -97,6 +99,7 @@ class Runtime:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
         self.launched = False
         self.takes_work = False  # executes queued runs (a daemon, a worker), not only its own
+        self._beating = threading.Event()  # set: this process no longer beats (see _beat)
         self._client: Any = None
 
     @property
@@ -141,6 +144,7 @@ class Runtime:
         DBOS.launch()
         DBOS.register_queue(RUN_QUEUE, worker_concurrency=self.settings.max_parallel_runs, polling_interval_sec=0.2)
         self.launched, self.takes_work = True, take_work
+        threading.Thread(target=self._beat, args=(self._beating,), name="loopwright-heartbeat", daemon=True).start()
         for contribution in self.host.registries["sandboxes"].values():
             removed = contribution.value.reap_orphans()
             if removed:
@@ -166,13 +170,29 @@ class Runtime:
             if self._launch_error is not None:
                 raise self._launch_error
 
+    def _beat(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                self.store.beat(self.owner)
+            except Exception:  # a database hiccup: the next beat is soon
+                log.warning("could not record this process's heartbeat", exc_info=True)
+            stop.wait(HEARTBEAT_S)
+
+    def owner_alive(self, owner: str) -> bool:
+        """Whether the process that owns a run is alive: on this machine, by its pid and start time; on
+        another, by its heartbeat in the database (silent for HEARTBEAT_STALE_S: dead)."""
+        if owner.split(":")[0] == socket.gethostname():
+            return owner_is_alive(owner)
+        beat = self.store.last_beat(owner)
+        return beat is not None and time.time() - beat < HEARTBEAT_STALE_S
+
     def recover_orphaned_runs(self) -> list[str]:
         """Runs whose owning process died continue here, from their last finished step."""
         from dbos import DBOS
 
         taken = []
         for run in self.store.list_runs(limit=1000):
-            if run.finished or run.owner == self.owner or owner_is_alive(run.owner):
+            if run.finished or not run.owner or run.owner == self.owner or self.owner_alive(run.owner):
                 continue
             if DBOS.get_workflow_status(run.id) is None:
                 self._start_workflow(run.id)  # the process died before the workflow was recorded
@@ -247,7 +267,7 @@ class Runtime:
     def hand_over_orphans(self) -> None:
         """Queued runs, and runs whose process died, get an executor (see `ensure_executor`)."""
         self.wait_launched()
-        if any(not r.finished and (not r.owner or not owner_is_alive(r.owner)) for r in self.store.list_runs(limit=1000)):
+        if any(not r.finished and (not r.owner or not self.owner_alive(r.owner)) for r in self.store.list_runs(limit=1000)):
             self.ensure_executor()
 
     def running_worker(self) -> dict[str, Any] | None:
@@ -302,6 +322,7 @@ class Runtime:
         if self.launched:
             from dbos import DBOS
 
+            self._beating.set()
             DBOS.destroy(destroy_registry=False)
             self.launched = False
 

@@ -132,6 +132,15 @@ firings = sa.Table(
 )
 
 
+# Every process that executes runs says it is alive here, so a process on another machine can tell a dead one's runs.
+executors = sa.Table(
+    "loopwright_executors",
+    metadata,
+    sa.Column("owner", sa.String, primary_key=True),  # <host>:<pid>:<start time>, as runs' `owner`
+    sa.Column("beat_at", sa.Float, nullable=False),
+)
+
+
 class Store:
     def __init__(self, url: str):
         kwargs: dict[str, Any] = {}
@@ -141,6 +150,16 @@ class Store:
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         metadata.create_all(self.engine)
+
+    def beat(self, owner: str) -> None:
+        """`owner` is alive now."""
+        insert = _dialect_insert(self.engine)(executors).values(owner=owner, beat_at=time.time())
+        with self.engine.begin() as db:
+            db.execute(insert.on_conflict_do_update(index_elements=["owner"], set_={"beat_at": time.time()}))
+
+    def last_beat(self, owner: str) -> float | None:
+        with self.engine.connect() as db:
+            return db.execute(sa.select(executors.c.beat_at).where(executors.c.owner == owner)).scalar()
 
     def create_run(self, run_id: str, loop: str, spec: dict[str, Any], repo: str, branch: str) -> Run:
         """Create a queued run; a run that already has this id is returned as it is (automations

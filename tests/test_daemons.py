@@ -8,11 +8,13 @@ import time
 
 import anyio
 import pytest
+import sqlalchemy as sa
 
-from conftest import FIX, write_spec
+from conftest import FIX, LOOPWRIGHT, wait_for, write_spec
 from daemon_process import DaemonProcess
 from model_server import text, tool_use
-from loopwright.runtime.store import Store
+from loopwright.runtime.daemon import TAKEOVER_INTERVAL_S
+from loopwright.runtime.store import Store, executors
 from test_automations import add_loop, clock  # noqa: F401 - clock is a fixture
 from test_mcp_stdio import call
 
@@ -70,3 +72,27 @@ async def test_a_killed_daemons_runs_are_finished_by_the_other_once(tmp_path, pr
             if daemon.process.poll() is None:
                 daemon.process.send_signal(signal.SIGTERM)
                 daemon.process.wait(timeout=60)
+
+
+def test_a_run_of_a_silent_process_on_another_machine_is_taken_over(tmp_path, home, project, model):
+    model(slow_fix)
+    process = subprocess.Popen([*LOOPWRIGHT, "run", str(write_spec(project))], stdout=subprocess.PIPE, text=True)
+    run_id = process.stdout.readline().split()[1]
+    store = Store(f"sqlite:///{home / 'loopwright.sqlite'}")
+    wait_for(lambda: any(e["kind"] == "tool_call" for e in store.events(run_id)), "the run is under way")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    elsewhere = "build-host-2:4242:1"  # as if the run's process had been on another machine
+    store.update_run(run_id, owner=elsewhere)
+    store.beat(elsewhere)
+
+    daemon = DaemonProcess(home, tmp_path / "loops")
+    try:
+        time.sleep(TAKEOVER_INTERVAL_S + 2)  # a takeover round: that machine's process beat just now
+        assert store.get_run(run_id).owner == elsewhere and not store.get_run(run_id).finished
+        with store.engine.begin() as db:  # ... and then it fell silent
+            db.execute(sa.update(executors).where(executors.c.owner == elsewhere).values(beat_at=time.time() - 120))
+        run = wait_for(lambda: (run := store.get_run(run_id)).finished and run, "the run is taken over", timeout=60)
+        assert (run.status, run.owner) == ("succeeded", daemon.info["owner"])
+    finally:
+        assert daemon.stop() == 0, daemon.output()
