@@ -253,8 +253,8 @@ class Automations:
                        details=json.dumps(details, default=str), due_at=when.timestamp(), day=f"{now:%Y-%m-%d}",
                        created_at=time.time())
             with self.store.engine.begin() as db:
-                ours = db.execute(_insert(self.store)(firings).values(**row)
-                                  .on_conflict_do_nothing(index_elements=["key"])).rowcount == 1
+                ours = db.execute(_insert(self.store)(firings).values(**row).on_conflict_do_nothing(
+                    index_elements=["key"]).returning(firings.c.key)).first() is not None
             if not ours:  # another process recorded this firing first: its record decides
                 return self._fire(automation, key.removeprefix(f"{automation.id}:"), when, details)
             if reason:

@@ -143,6 +143,8 @@ executors = sa.Table(
 
 class Store:
     def __init__(self, url: str):
+        if url.startswith("postgresql://"):  # the driver DBOS brings (psycopg 3), not SQLAlchemy's default psycopg2
+            url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
         kwargs: dict[str, Any] = {}
         if url.startswith("sqlite"):
             kwargs["connect_args"] = {"timeout": 30, "check_same_thread": False}
@@ -241,9 +243,9 @@ class Store:
                       data=json.dumps(data, default=str), **numbers)
         insert = _dialect_insert(self.engine)(events).values(**values).on_conflict_do_nothing(
             index_elements=["run_id", "key"]
-        )
+        ).returning(events.c.seq)  # (a row count says nothing here on PostgreSQL with psycopg)
         with self.engine.begin() as db:
-            added = db.execute(insert).rowcount == 1
+            added = db.execute(insert).first() is not None
             if added and numbers.get("cost_usd"):
                 db.execute(runs.update().where(runs.c.id == run_id)
                            .values(spent_usd=runs.c.spent_usd + numbers["cost_usd"]))

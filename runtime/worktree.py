@@ -10,15 +10,17 @@ blobs hashed without filters, so no attribute the maker writes selects a command
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import subprocess
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Iterable
+from typing import Iterable, Iterator
 
 from .verification import materialize
 
@@ -188,9 +190,20 @@ def create_worktree(repo: Path, root: Path, loop: str, run_id: str) -> Worktree:
 
     base = head.stdout.strip()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base)
-    _git(repo, "config", f"branch.{branch}.{_BASE_KEY}", base)
+    with _one_writer(repo):
+        _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base)
+        _git(repo, "config", f"branch.{branch}.{_BASE_KEY}", base)
     return Worktree(repo=repo, path=path, branch=branch, base_commit=base)
+
+
+@contextmanager
+def _one_writer(repo: Path) -> Iterator[None]:
+    """Git refuses a second writer of a repository's config at the same moment (".git/config: File
+    exists"): runs that start together, in one process or in several daemons, take turns here."""
+    common = Path(_git(repo, "rev-parse", "--git-common-dir").stdout.strip())
+    with open((repo / common) / "loopwright.lock", "a") as lock:  # an absolute `common` stays as it is
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def _excludes(wt: Worktree) -> tuple[str, ...]:
@@ -274,8 +287,9 @@ def remove_worktree(repo: Path, path: Path) -> None:
     """Remove a run's worktree folder; its branch (and every commit on it) stays in ``repo``."""
     path = Path(path)
     if Path(repo).is_dir() and _git(Path(repo), "rev-parse", "--git-dir", check=False).returncode == 0:
-        _git(Path(repo), "worktree", "remove", "--force", "--force", str(path), check=False)
-        _git(Path(repo), "worktree", "prune")
+        with _one_writer(Path(repo)):
+            _git(Path(repo), "worktree", "remove", "--force", "--force", str(path), check=False)
+            _git(Path(repo), "worktree", "prune")
     if path.exists():  # the repository is gone, or git did not know the folder: delete it ourselves
         shutil.rmtree(path)  # never follows symlinks
 

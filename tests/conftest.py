@@ -1,4 +1,6 @@
 import json
+import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -39,6 +41,37 @@ def git_repo(tmp_path) -> Path:
     git("-c", "user.name=Test", "-c", "user.email=test@example.invalid", "commit", "-q", "-m", "initial")
     return repo
 
+
+
+# --- the store ---------------------------------------------------------------------------------
+# A PostgreSQL server the tests may create databases on (.ci/setup starts one on 127.0.0.1).
+POSTGRES = os.environ.get("LOOPWRIGHT_TEST_POSTGRES", "postgresql://loopwright:loopwright@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database(request, home, monkeypatch) -> str:
+    """The store a durability test runs on, and its URL: the default SQLite file in LOOPWRIGHT_HOME, or
+    a fresh PostgreSQL database (LOOPWRIGHT_DATABASE_URL, dropped after the test). Both run in CI."""
+    if request.param == "sqlite":
+        monkeypatch.delenv("LOOPWRIGHT_DATABASE_URL", raising=False)
+        home.mkdir(parents=True, exist_ok=True)
+        yield f"sqlite:///{home / 'loopwright.sqlite'}"
+        return
+    import psycopg
+
+    name = f"loopwright_test_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(POSTGRES, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(f"CREATE DATABASE {name}")
+    except psycopg.OperationalError as error:
+        if os.environ.get("CI"):
+            raise AssertionError(f"no PostgreSQL server at {POSTGRES.split('@')[-1]} (.ci/setup starts one): {error}")
+        pytest.skip(f"no PostgreSQL server at {POSTGRES.split('@')[-1]}; `bash .ci/setup` starts one")
+    url = f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
+    monkeypatch.setenv("LOOPWRIGHT_DATABASE_URL", url)
+    yield url
+    with psycopg.connect(POSTGRES, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 # --- running loops ---------------------------------------------------------------------------

@@ -20,11 +20,11 @@ def tool_result_text(request: dict) -> str:
 
 
 @pytest.mark.anyio
-async def test_a_gated_call_waits_through_a_restart_and_runs_once_approved(home, project, model):
+async def test_a_gated_call_waits_through_a_restart_and_runs_once_approved(database, project, model):
     server = model([tool_use("run_command", {"command": "echo deploy now"}), FIX, text("fixed")])
     process = subprocess.Popen([*LOOPWRIGHT, "run", str(write_spec(project, **GATE))], stdout=subprocess.PIPE, text=True)
     run_id = process.stdout.readline().split()[1]
-    store = Store(f"sqlite:///{home / 'loopwright.sqlite'}")
+    store = Store(database)
     wait_for(lambda: store.list_approvals(run_id))
     assert store.get_run(run_id).status == "waiting_approval"
     process.send_signal(signal.SIGKILL)  # the process dies while the run waits

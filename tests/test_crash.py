@@ -45,8 +45,9 @@ def leftovers(home, run_id: str) -> list[str]:
     return found
 
 
-@pytest.mark.parametrize("point", range(20))
-def test_a_run_killed_at_a_random_point_recovers_exactly(home, project, model, point):
+@pytest.mark.parametrize("database, point", [*(("sqlite", p) for p in range(20)), *(("postgres", p) for p in range(6))],
+                         indirect=["database"])
+def test_a_run_killed_at_a_random_point_recovers_exactly(home, database, project, model, point):
     server = model(maker)
     process = subprocess.Popen([*LOOPWRIGHT, "run", str(write_spec(project))], stdout=subprocess.PIPE, text=True)
     run_id = process.stdout.readline().split()[1]
@@ -55,7 +56,7 @@ def test_a_run_killed_at_a_random_point_recovers_exactly(home, project, model, p
     process.wait()
 
     recovered = loopwright("recover", run_id)
-    store = Store(f"sqlite:///{home / 'loopwright.sqlite'}")
+    store = Store(database)
     run = store.get_run(run_id)
     if run.status != "succeeded" or "recovering" not in recovered.stdout:  # finished before the kill: nothing to see
         assert run.status == "succeeded", recovered.stdout + recovered.stderr

@@ -28,10 +28,10 @@ def slow_fix(request: dict) -> dict:
 
 
 @pytest.mark.anyio
-async def test_a_killed_daemons_runs_are_finished_by_the_other_once(tmp_path, project, model, monkeypatch, clock):  # noqa: F811
+async def test_a_killed_daemons_runs_are_finished_by_the_other_once(tmp_path, database, project, model, monkeypatch,
+                                                                     clock):  # noqa: F811
     model(slow_fix)
-    database = f"sqlite:///{tmp_path / 'shared.sqlite'}"
-    monkeypatch.setenv("LOOPWRIGHT_DATABASE_URL", database)
+    monkeypatch.setenv("LOOPWRIGHT_DATABASE_URL", database)  # both daemons, each with a home of its own
     monkeypatch.setenv("LOOPWRIGHT_LOAD_PLUGINS", "")
     clock("2026-03-02T06:59:40+00:00")
     loops = add_loop(project, "nightly", [{"kind": "cron", "schedule": "0 7 * * *"}])
@@ -74,11 +74,11 @@ async def test_a_killed_daemons_runs_are_finished_by_the_other_once(tmp_path, pr
                 daemon.process.wait(timeout=60)
 
 
-def test_a_run_of_a_silent_process_on_another_machine_is_taken_over(tmp_path, home, project, model):
+def test_a_run_of_a_silent_process_on_another_machine_is_taken_over(tmp_path, home, database, project, model):
     model(slow_fix)
     process = subprocess.Popen([*LOOPWRIGHT, "run", str(write_spec(project))], stdout=subprocess.PIPE, text=True)
     run_id = process.stdout.readline().split()[1]
-    store = Store(f"sqlite:///{home / 'loopwright.sqlite'}")
+    store = Store(database)
     wait_for(lambda: any(e["kind"] == "tool_call" for e in store.events(run_id)), "the run is under way")
     process.send_signal(signal.SIGKILL)
     process.wait()

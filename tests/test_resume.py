@@ -16,7 +16,7 @@ def containers_of(run_id: str) -> list:
     return docker.from_env().containers.list(all=True, filters={"label": f"loopwright.run={run_id}"})
 
 
-def test_a_run_killed_mid_iteration_resumes_in_a_new_process_and_completes(home, project, model):
+def test_a_run_killed_mid_iteration_resumes_in_a_new_process_and_completes(database, project, model):
     server = model([
         tool_use("run_command", {"command": "echo once >> log.txt"}),
         tool_use("run_command", {"command": "sleep 4"}),  # the process dies during this call
@@ -25,7 +25,7 @@ def test_a_run_killed_mid_iteration_resumes_in_a_new_process_and_completes(home,
     ])
     process = subprocess.Popen([*LOOPWRIGHT, "run", str(write_spec(project))], stdout=subprocess.PIPE, text=True)
     run_id = process.stdout.readline().split()[1]
-    store = Store(f"sqlite:///{home / 'loopwright.sqlite'}")
+    store = Store(database)
     wait_for(lambda: len(server.requests) == 2 and any(e["kind"] == "tool_call" for e in store.events(run_id)))
     time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
