@@ -1,7 +1,8 @@
 """The loop as a durable DBOS workflow: iterations of maker turns and verification, and stop rules.
 
-Every model call, tool call and check is a DBOS step, so a run whose process dies continues, in a
-new process, from its last finished step. The sandbox is not a step: a resumed run gets a new
+Every check and engine action is a DBOS step, and every model and tool call a durable step whose record
+is its trace event (traced before it is made, settled after: `Turn._model_step`, `Turn._tool_step`), so a
+run whose process dies continues, in a new process, from its last finished step. The sandbox is not a step: a resumed run gets a new
 container on the same worktree, which holds every change the finished steps made.
 """
 
@@ -35,6 +36,7 @@ from .types import (
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
+    from .records import Run, RunState
     from .service import Runtime
 
 _runtime: Runtime | None = None
@@ -87,7 +89,8 @@ class LoopRun:
         self.pins: dict[str, str] = {}  # the oracle's files at the base commit: path -> blob sha
         self.baselines: dict[str, str] = {}  # check index -> file holding its verifier's baseline
         self.budget = Budget()  # what the next model call will cost (runtime/budget.py)
-        self._sending: dict[str, tuple[dict[str, Any], str]] = {}  # a check's model calls begun, not yet recorded
+        self._sending: dict[str, tuple[dict[str, Any], str, float]] = {}  # a check's model calls begun (request, key, estimate)
+        self.begun_steps = self.store.step_keys(run_id)  # maker steps an earlier execution began (see Turn.model)
         replaying = self.store.event(run_id, "replay")
         self.replay: dict[str, Any] | None = replaying["data"] if replaying else None  # runtime/replay.py
         self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
@@ -253,7 +256,7 @@ class LoopRun:
                  diff: Callable[[], str]) -> VerifyContext:
         baseline = self.baselines.get(str(index))
         calls = iter(range(1, 1_000_000))
-        sent = self._sending  # model -> the request a checker is sending, and its event's key
+        sent = self._sending  # model -> the request a checker is sending, its event's key and estimate
         data = {"role": "reviewer", "check": self.spec.verify[index].label}
 
         def key() -> str:
@@ -263,14 +266,14 @@ class LoopRun:
             cost = self.budget.estimate(self.rt.settings.price(model), model, request)
             if reason := self.over_budget(self.store.get_run(self.id).spent_usd, cost, "check's model call"):
                 raise BudgetSpent(reason)
-            sent[model] = (request, self.begin_model_call(key(), iteration, model, "reviewer", cost))
+            sent[model] = (request, self.begin_model_call(key(), iteration, model, "reviewer", cost), cost)
 
         def record(model: str, usage: dict[str, Any], ms: float) -> float:
             if model not in sent:  # a verifier that did not check the budget first
                 return self._record_model_call(key(), iteration, model, usage, ms, data)
-            request, begun = sent.pop(model)
+            request, begun, estimate = sent.pop(model)
             self.budget.sent(model, request, usage)
-            return self._record_model_call(begun, iteration, model, usage, ms, data, begun=True)
+            return self._record_model_call(begun, iteration, model, usage, ms, data, estimated=estimate)
 
         return VerifyContext(self.info, sandbox, iteration, changed, diff, record,
                              json.loads(Path(baseline).read_text()) if baseline else None, check_budget,
@@ -367,9 +370,9 @@ class LoopRun:
         try:
             result = verifier.verify(ctx)
         finally:  # a call the check began and never recorded failed: it cost nothing
-            for model, (_, key) in self._sending.items():
+            for model, (_, key, estimate) in self._sending.items():
                 self.store.settle_event(self.id, key, {"model": model, "role": "reviewer", "error": "no answer recorded"},
-                                        cost_usd=0.0)
+                                        estimate, cost_usd=0.0)
             self._sending.clear()
         result.name = check.label
         result.duration_ms = (time.monotonic() - started) * 1000
@@ -385,18 +388,18 @@ class LoopRun:
         }, cost_usd=estimate)
 
     def _record_model_call(self, key: str, iteration: int, model: str, usage: dict[str, Any], duration_ms: float,
-                           data: dict[str, Any], cost: float | None = None, begun: bool = False) -> float:
+                           data: dict[str, Any], cost: float | None = None, estimated: float | None = None) -> float:
         """Trace a model call with its tokens and cost (priced from the usage unless given); the cost counts
         against max_cost_usd. `data` names the call's role ("maker", "reviewer") and what else the trace keeps.
-        `begun`: the call was traced before it was sent (`begin_model_call`), and its estimate is replaced."""
+        `estimated`: the call was traced before it was sent (`begin_model_call`) at this cost, now replaced."""
         cost = self.rt.settings.cost(model, usage) if cost is None else cost
         numbers = dict(
             input_tokens=usage.get("input_tokens", 0), output_tokens=usage.get("output_tokens", 0),
             cache_write_tokens=usage.get("cache_creation_input_tokens") or 0,
             cache_read_tokens=usage.get("cache_read_input_tokens") or 0, cost_usd=cost, duration_ms=duration_ms,
         )
-        if begun:
-            self.store.settle_event(self.id, key, {"model": model, **data}, **numbers)
+        if estimated is not None:
+            self.store.settle_event(self.id, key, {"model": model, **data}, estimated, **numbers)
         else:
             self._event(key, "model_call", iteration, {"model": model, **data}, **numbers)
         return cost
@@ -447,11 +450,11 @@ class LoopRun:
     def _event(self, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> None:
         self.store.add_event(self.id, key, kind, iteration, data, **numbers)
 
-    def stop_reason(self, next_cost: float = 0.0, what: str = "model call") -> tuple[str, str] | None:
+    def stop_reason(self, next_cost: float = 0.0, what: str = "model call", row: Run | RunState | None = None) -> tuple[str, str] | None:
         """The stop rules checked before each model call: a person, the wall clock, the budget (what the run
         spent, plus `next_cost`, the estimate of the call about to start: runtime/budget.py).
         A pause request answers ("paused", ...): the run waits, then checks again."""
-        row = self.store.get_run(self.id)
+        row = row or self.store.get_run(self.id)
         if row.stop_requested:
             return ("stopped", "stopped by a person")
         if row.pause_requested:
@@ -464,13 +467,14 @@ class LoopRun:
             return ("failed", reason)
         return None
 
-    def wall_time_left(self) -> float:
-        row = self.store.get_run(self.id)
+    def wall_time_left(self, row: Run | RunState | None = None) -> float:
+        row = row or self.store.get_run(self.id)
         return self.spec.stop.wall_time_s - (time.time() - (row.started_at or row.created_at) - row.paused_s)
 
     def call_timeout(self) -> float:
         """Seconds a model call starting now may take: what is left of max_wall_time, at most MODEL_CALL_LIMIT_S."""
         return max(min(self.wall_time_left(), MODEL_CALL_LIMIT_S), 1.0)
+
 
     def over_budget(self, spent: float, next_cost: float, what: str) -> str | None:
         """Why a call estimated at `next_cost` may not start, or None when the budget allows it."""
@@ -621,7 +625,7 @@ class Turn:
         """Call the model through `send` as a durable step, after checking the stop rules."""
         self._model_calls += 1
         key = f"{self.iteration}.model.{self._model_calls}"
-        while "stop" in (reply := await step(f"model:{key}", self._model_step, key, model, request, send)):
+        while "stop" in (reply := await self._model_step(key, model, request, send)):
             status, reason = reply["stop"]
             if status != "paused":
                 raise StopRun(status, reason)
@@ -631,34 +635,50 @@ class Turn:
         return reply
 
     async def _model_step(self, key: str, model: str, request: dict[str, Any], send: Callable) -> dict[str, Any]:
+        """A durable step whose record is its trace event: an answer recorded under `key` (or a retry's
+        `key#n`) is returned again, not asked for. A call that began and never answered (the process died
+        during it, or it failed) stays in the trace, its estimate in the spend, and is made again."""
         price = self._run.rt.settings.price(model)  # fail before spending when the price is unknown
         estimate = 0.0 if self._run.replay is not None else self._run.budget.estimate(price, model, request)
-        reason = await anyio.to_thread.run_sync(self._run.stop_reason, estimate)
-        if reason:
-            return {"stop": list(reason)}
-        self._call_timeout = await anyio.to_thread.run_sync(self._run.call_timeout)
+        begun = await anyio.to_thread.run_sync(self._begin_model_call, key, model, estimate)
+        if "key" not in begun:
+            return begun  # the recorded answer, or the stop rule that fired
+        key = begun["key"]
         started = time.monotonic()
         if self._run.replay is not None:  # the recorded answer instead of a model call: free
             reply = replay.answer(self._run.replay, key)
         else:
-            key = await anyio.to_thread.run_sync(self._run.begin_model_call, key, self.iteration, model, "maker", estimate)
             try:  # a maker that ignores call_timeout() is cut a little later
                 with anyio.fail_after(self._call_timeout + GRACE_S):
                     reply = await send(request)
             except BaseException as error:  # the call failed (it cost nothing) or was cancelled: settle it so
                 self._run.store.settle_event(self._run.id, key, {"model": model, "role": "maker", "error": str(error)},
-                                             cost_usd=0.0, duration_ms=(time.monotonic() - started) * 1000)
+                                             estimate, cost_usd=0.0, duration_ms=(time.monotonic() - started) * 1000)
                 if isinstance(error, TimeoutError):
                     raise ModelError(f"the maker's call to {model} did not return within {self._call_timeout:.0f}s (the "
                                      "call's limit: the run's remaining wall time, at most 10 minutes)", "timeout") from None
                 raise
         self._run._record_model_call(
             key, self.iteration, model, reply["usage"], (time.monotonic() - started) * 1000,
-            {"role": "maker", "stop_reason": reply.get("stop_reason"), "content": [_trace_block(b) for b in reply["content"]],
+            {"role": "maker", "stop_reason": reply.get("stop_reason"), "content": reply["content"],
              **({"replayed": True} if self._run.replay is not None else {})},
-            begun=self._run.replay is None,
+            estimated=None if self._run.replay is not None else estimate,
         )
         return reply
+
+    def _begin_model_call(self, key: str, model: str, estimate: float) -> dict[str, Any]:
+        """The start of a model call's step, in one worker thread: the answer recorded for it (a "reply"),
+        the stop rule that fires (a "stop"), or the call traced with its estimate under its "key"."""
+        run = self._run
+        attempts, row = run.store.step_state(run.id, key if key in run.begun_steps else None)
+        if attempts and "content" in attempts[-1]["data"]:
+            return _recorded_reply(attempts[-1])
+        if reason := run.stop_reason(estimate, row=row):
+            return {"stop": list(reason)}
+        self._call_timeout = max(min(run.wall_time_left(row), MODEL_CALL_LIMIT_S), 1.0)
+        if run.replay is not None:
+            return {"key": key}
+        return {"key": run.begin_model_call(key, self.iteration, model, "maker", estimate)}
 
     async def tool(self, call_id: str, name: str, arguments: dict[str, Any]) -> ToolResult:
         """Run one tool call as a durable step: policy hooks, the sandbox, the trace."""
@@ -670,7 +690,7 @@ class Turn:
             refused = await self._run.approve(key, ToolCall(call_id, name, arguments, self.iteration), rule)
             if refused is not None:
                 return refused
-        while "stop" in (result := await step(f"tool:{key}:{name}", self._tool_step, key, call_id, name, arguments)):
+        while "stop" in (result := await self._tool_step(key, call_id, name, arguments)):
             status, reason = result["stop"]
             if status != "paused":
                 raise StopRun(status, reason)
@@ -678,16 +698,12 @@ class Turn:
         return ToolResult(result["content"], result["is_error"])
 
     async def _tool_step(self, key: str, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        """A durable step whose record is its trace event: a call recorded under `key` answers what it answered;
+        a call that began and never finished (the process died while it ran) is not run again."""
         run = self._run
-        row = await anyio.to_thread.run_sync(run.store.get_run, run.id)
-        if row.stop_requested:
-            return {"stop": ["stopped", "stopped by a person"]}
-        if row.pause_requested:
-            return {"stop": ["paused", "paused by a person"]}
+        if (answer := await anyio.to_thread.run_sync(self._begin_tool_call, key, name, arguments)) is not None:
+            return answer  # what the call answered before, or a person's stop or pause
         call = ToolCall(call_id, name, arguments, self.iteration)
-        begun = {"tool": name, "input": arguments, "unfinished": "the process died during this call"}
-        if not await anyio.to_thread.run_sync(run.store.add_event, run.id, key, "tool_call", self.iteration, begun):
-            return await anyio.to_thread.run_sync(self._interrupted, key)  # an attempt began before a crash
         started = time.monotonic()
         result = self._refused(call)  # no policy hook or tool sees a call that cannot run
         if result is None:
@@ -700,26 +716,34 @@ class Turn:
         duration = (time.monotonic() - started) * 1000
         result.content = self._cap_output(key, result.content)
         run.store.settle_event(run.id, key, {"tool": name, "input": arguments, "is_error": result.is_error,
-                                             "output": context.truncate(result.content, 2000), **result.details},
+                                             "output": result.content, **result.details},
                                duration_ms=duration)
         return {"content": result.content, "is_error": result.is_error}
 
-    def _interrupted(self, key: str) -> dict[str, Any]:
-        """A tool call whose step began before the process died is not run again: the maker is told, with
-        what is known of the first attempt."""
-        event = self._run.store.event(self._run.id, key)
-        assert event is not None
-        data = event["data"]
-        if data.get("told"):  # interrupted again, while the maker was being told
-            content = data["told"]
-        elif data.get("unfinished"):
-            content = ("Not run again: this call was interrupted (Loopwright's process died while it ran). Some of "
-                       "its effects may be present in the workspace: check before you repeat it.")
-        else:
-            content = ("Not run again: this call ran, but Loopwright's process died before its result reached you. "
-                       f"Its effects are present. Its output began:\n{data.get('output', '')}")
+    def _begin_tool_call(self, key: str, name: str, arguments: dict[str, Any]) -> dict[str, Any] | None:
+        """The start of a tool call's step, in one worker thread: what it answered before (or, interrupted by
+        a crash, the maker told so), a person's stop or pause, or None: the call traced as begun, to be run."""
+        run = self._run
+        attempts, row = run.store.step_state(run.id, key if key in run.begun_steps else None)
+        if attempts:
+            data = attempts[-1]["data"]
+            if "unfinished" in data:
+                return self._interrupted(key, data)
+            return {"content": data["output"], "is_error": data["is_error"]}
+        if row.stop_requested:
+            return {"stop": ["stopped", "stopped by a person"]}
+        if row.pause_requested:
+            return {"stop": ["paused", "paused by a person"]}
+        begun = {"tool": name, "input": arguments, "unfinished": "the process died during this call"}
+        run.store.add_event(run.id, key, "tool_call", self.iteration, begun)
+        return None
+
+    def _interrupted(self, key: str, data: dict[str, Any]) -> dict[str, Any]:
+        """A tool call that began before the process died is not run again: the maker is told."""
+        content = ("Not run again: this call was interrupted (Loopwright's process died while it ran). Some of "
+                   "its effects may be present in the workspace: check before you repeat it.")
         data = {k: v for k, v in data.items() if k != "unfinished"}
-        self._run.store.settle_event(self._run.id, key, {**data, "interrupted": True, "is_error": True, "told": content})
+        self._run.store.settle_event(self._run.id, key, {**data, "interrupted": True, "is_error": True, "output": content})
         return {"content": content, "is_error": True}
 
     def _refused(self, call: ToolCall) -> ToolResult | None:
@@ -766,9 +790,8 @@ def _malformed(arguments: Any, schema: dict[str, Any]) -> str | None:
     return f"missing required field(s) {', '.join(missing)}" if missing else None
 
 
-def _trace_block(block: dict[str, Any]) -> dict[str, Any]:
-    if block.get("type") == "text":
-        return {"type": "text", "text": context.truncate(block["text"], 4000)}
-    if block.get("type") == "tool_use":
-        return {"type": "tool_use", "id": block.get("id"), "name": block["name"], "input": block["input"]}
-    return {"type": block.get("type", "?")}
+def _recorded_reply(event: dict[str, Any]) -> dict[str, Any]:
+    """A model call's answer as its trace event recorded it, shaped as a maker's `send` returned it."""
+    return {"content": event["data"]["content"], "stop_reason": event["data"].get("stop_reason"), "usage": {
+        "input_tokens": event["input_tokens"], "output_tokens": event["output_tokens"],
+        "cache_creation_input_tokens": event["cache_write_tokens"], "cache_read_input_tokens": event["cache_read_tokens"]}}

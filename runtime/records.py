@@ -8,7 +8,7 @@ import json
 import secrets
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class UnknownRun(LookupError):
@@ -80,6 +80,16 @@ class Totals:
     cache_read_tokens: int
     model_calls: int
     tool_calls: int
+
+
+class RunState(NamedTuple):
+    """What the stop rules read of a run before each step (a few columns, not the spec)."""
+    stop_requested: bool
+    pause_requested: bool
+    started_at: float | None
+    created_at: float
+    paused_s: float
+    spent_usd: float
 
 
 def run_from_row(data: dict[str, Any]) -> Run:

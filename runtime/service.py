@@ -174,8 +174,8 @@ class Runtime:
         while not stop.is_set():
             try:
                 self.store.beat(self.owner)
-            except Exception:  # a database hiccup: the next beat is soon
-                log.warning("could not record this process's heartbeat", exc_info=True)
+            except Exception as error:  # a database hiccup: the next beat is soon
+                log.warning("could not record this process's heartbeat (trying again in %ds): %s", HEARTBEAT_S, error)
             stop.wait(HEARTBEAT_S)
 
     def owner_alive(self, owner: str) -> bool:

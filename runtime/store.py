@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 
-from .records import RoleSpend, Run, Totals, UnknownRun, approval_from_row, new_run_id, run_from_row, spend_by_role
+from .records import RoleSpend, Run, RunState, Totals, UnknownRun, approval_from_row, new_run_id, run_from_row, spend_by_role
 
 __all__ = ["Run", "Store", "Totals", "UnknownRun", "new_run_id"]  # the records, for those who read them from here
 
@@ -141,6 +142,17 @@ executors = sa.Table(
 )
 
 
+# The engine's hot path, built once (building a statement costs more than running it on SQLite).
+NO_NUMBERS = dict(input_tokens=0, output_tokens=0, cache_write_tokens=0, cache_read_tokens=0, cost_usd=0.0, duration_ms=0.0)
+_THIS_EVENT = (events.c.run_id == sa.bindparam("b_run_id"), events.c.key == sa.bindparam("b_key"))
+_SETTLE = events.update().where(*_THIS_EVENT)  # the columns to set are the parameters given
+_EVENT_COST = sa.select(events.c.cost_usd).where(*_THIS_EVENT)
+_ADD_SPEND = runs.update().where(runs.c.id == sa.bindparam("b_id")).values(spent_usd=runs.c.spent_usd + sa.bindparam("b_delta"))
+_ATTEMPTS = (sa.select(events).where(events.c.run_id == sa.bindparam("run_id"), events.c.key >= sa.bindparam("key"),
+                                     events.c.key < sa.bindparam("before")).order_by(events.c.seq))
+_RUN_STATE = sa.select(*(runs.c[name] for name in RunState._fields)).where(runs.c.id == sa.bindparam("id"))
+
+
 class Store:
     def __init__(self, url: str):
         if url.startswith("postgresql://"):  # the driver DBOS brings (psycopg 3), not SQLAlchemy's default psycopg2
@@ -151,7 +163,9 @@ class Store:
         self.engine = sa.create_engine(url, **kwargs)
         if url.startswith("sqlite"):
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        self._insert_event = _dialect_insert(self.engine)(events).on_conflict_do_nothing(
+            index_elements=["run_id", "key"]).returning(events.c.seq)  # (a row count says nothing with psycopg)
+        migrate(self.engine)
 
     def beat(self, owner: str) -> None:
         """`owner` is alive now."""
@@ -240,15 +254,11 @@ class Store:
         """Append to the trace once per key; a step that re-runs after a crash does not double it (False:
         the key was there already). A cost is added to the run's spend in the same transaction."""
         values = dict(run_id=run_id, key=key, at=time.time(), kind=kind, iteration=iteration,
-                      data=json.dumps(data, default=str), **numbers)
-        insert = _dialect_insert(self.engine)(events).values(**values).on_conflict_do_nothing(
-            index_elements=["run_id", "key"]
-        ).returning(events.c.seq)  # (a row count says nothing here on PostgreSQL with psycopg)
+                      data=json.dumps(data, default=str), **{**NO_NUMBERS, **numbers})
         with self.engine.begin() as db:
-            added = db.execute(insert).first() is not None
+            added = db.execute(self._insert_event, values).first() is not None
             if added and numbers.get("cost_usd"):
-                db.execute(runs.update().where(runs.c.id == run_id)
-                           .values(spent_usd=runs.c.spent_usd + numbers["cost_usd"]))
+                db.execute(_ADD_SPEND, {"b_id": run_id, "b_delta": numbers["cost_usd"]})
         return added
 
     def begin_event(self, run_id: str, key: str, kind: str, iteration: int, data: dict[str, Any], **numbers: Any) -> str:
@@ -260,15 +270,35 @@ class Store:
             attempt += 1
         return key if attempt == 1 else f"{key}#{attempt}"
 
-    def settle_event(self, run_id: str, key: str, data: dict[str, Any], **numbers: Any) -> None:
-        """A begun event's outcome: its data and numbers replaced, the spend corrected, in one transaction."""
-        where = (events.c.run_id == run_id, events.c.key == key)
+    def settle_event(self, run_id: str, key: str, data: dict[str, Any], estimated: float | None = None,
+                     **numbers: Any) -> None:
+        """A begun event's outcome: its data and numbers replaced, the spend corrected (by the cost it was
+        begun with, `estimated` when the caller knows it), in one transaction."""
+        where = {"b_run_id": run_id, "b_key": key}
         with self.engine.begin() as db:
-            estimated = db.execute(sa.select(events.c.cost_usd).where(*where)).scalar_one()
-            db.execute(events.update().where(*where).values(data=json.dumps(data, default=str), **numbers))
-            if "cost_usd" in numbers:
-                db.execute(runs.update().where(runs.c.id == run_id)
-                           .values(spent_usd=runs.c.spent_usd + numbers["cost_usd"] - estimated))
+            if estimated is None and "cost_usd" in numbers:
+                estimated = db.execute(_EVENT_COST, where).scalar_one()
+            db.execute(_SETTLE, {**where, "data": json.dumps(data, default=str), **numbers})
+            if "cost_usd" in numbers and numbers["cost_usd"] != estimated:
+                db.execute(_ADD_SPEND, {"b_id": run_id, "b_delta": numbers["cost_usd"] - estimated})
+
+    def step_state(self, run_id: str, key: str | None) -> tuple[list[dict[str, Any]], RunState]:
+        """What a step of the engine reads first, in one go: the events of its attempts, oldest first (`key`,
+        then `key#2`, `key#3`...: see begin_event; none looked for when `key` is None), and its run's state."""
+        with self.engine.connect() as db:
+            found = [] if key is None else [dict(row._mapping) for row in db.execute(
+                _ATTEMPTS, {"run_id": run_id, "key": key, "before": f"{key}$"})]  # '#' < '$': one index range
+            row = db.execute(_RUN_STATE, {"id": run_id}).first()
+        if row is None:
+            raise UnknownRun(run_id)
+        for event in found:
+            event["data"] = json.loads(event["data"])
+        return found, RunState(bool(row.stop_requested), bool(row.pause_requested), *row[2:])
+
+    def step_keys(self, run_id: str) -> set[str]:
+        """The keys of every step a run has begun (a retry's `key#n` as its `key`)."""
+        with self.engine.connect() as db:
+            return {key.split("#")[0] for key in db.execute(sa.select(events.c.key).where(events.c.run_id == run_id)).scalars()}
 
     def event(self, run_id: str, key: str) -> dict[str, Any] | None:
         """One event of a run's trace by its key, or None."""
@@ -318,6 +348,36 @@ class Store:
             return spend_by_role([tuple(row) for row in db.execute(query)])
 
 
+SCHEMA_VERSION = "0002"  # the newest of runtime/migrations/versions
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+def migrate(engine: sa.Engine) -> None:
+    """Bring the database to SCHEMA_VERSION through the migrations, one process at a time; the runs,
+    traces and automations in it are kept. A database already there costs one query (no alembic import)."""
+    if _schema_version(engine) == SCHEMA_VERSION:
+        return
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with engine.begin() as db:
+        if engine.dialect.name == "postgresql":  # two daemons starting on one database take turns
+            db.execute(sa.text("SELECT pg_advisory_xact_lock(7417901)"))
+        else:
+            db.exec_driver_sql("BEGIN IMMEDIATE")
+        config.attributes["connection"] = db
+        command.upgrade(config, "head")
+
+
+def _schema_version(engine: sa.Engine) -> str | None:
+    with engine.connect() as db:
+        if not sa.inspect(db).has_table("loopwright_schema_version"):
+            return None
+        return db.execute(sa.text("SELECT version_num FROM loopwright_schema_version")).scalar()
+
+
 def _dialect_insert(engine: sa.Engine) -> Any:
     if engine.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert
@@ -328,6 +388,8 @@ def _dialect_insert(engine: sa.Engine) -> Any:
 
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
     cursor.execute("PRAGMA busy_timeout=30000")
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # setting it takes a lock and waits for none:
+        cursor.execute("PRAGMA journal_mode=WAL")  # once per database file, which keeps the mode
+    cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives the process dying; a power cut may lose the last
     cursor.close()
