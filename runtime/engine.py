@@ -701,7 +701,7 @@ class Turn:
         """A durable step whose record is its trace event: a call recorded under `key` answers what it answered;
         a call that began and never finished (the process died while it ran) is not run again."""
         run = self._run
-        if (answer := await anyio.to_thread.run_sync(self._begin_tool_call, key, name, arguments)) is not None:
+        if (answer := await anyio.to_thread.run_sync(self._begin_tool_call, key, call_id, name, arguments)) is not None:
             return answer  # what the call answered before, or a person's stop or pause
         call = ToolCall(call_id, name, arguments, self.iteration)
         started = time.monotonic()
@@ -715,12 +715,12 @@ class Turn:
                 await run.rt.host.after_tool_call(run.info, call, result)
         duration = (time.monotonic() - started) * 1000
         result.content = self._cap_output(key, result.content)
-        run.store.settle_event(run.id, key, {"tool": name, "input": arguments, "is_error": result.is_error,
-                                             "output": result.content, **result.details},
+        run.store.settle_event(run.id, key, {"tool": name, "call_id": call_id, "input": arguments,
+                                             "is_error": result.is_error, "output": result.content, **result.details},
                                duration_ms=duration)
         return {"content": result.content, "is_error": result.is_error}
 
-    def _begin_tool_call(self, key: str, name: str, arguments: dict[str, Any]) -> dict[str, Any] | None:
+    def _begin_tool_call(self, key: str, call_id: str, name: str, arguments: dict[str, Any]) -> dict[str, Any] | None:
         """The start of a tool call's step, in one worker thread: what it answered before (or, interrupted by
         a crash, the maker told so), a person's stop or pause, or None: the call traced as begun, to be run."""
         run = self._run
@@ -734,7 +734,7 @@ class Turn:
             return {"stop": ["stopped", "stopped by a person"]}
         if row.pause_requested:
             return {"stop": ["paused", "paused by a person"]}
-        begun = {"tool": name, "input": arguments, "unfinished": "the process died during this call"}
+        begun = {"tool": name, "call_id": call_id, "input": arguments, "unfinished": "the process died during this call"}
         run.store.add_event(run.id, key, "tool_call", self.iteration, begun)
         return None
 
