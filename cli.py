@@ -208,7 +208,7 @@ def recover(run_id: str | None) -> None:
 
 
 def _follow(runtime: Runtime, run_id: str) -> str:
-    """Print a line per finished iteration until the run ends; the first Ctrl-C asks it to stop."""
+    """Print what the run does as it happens (`_Lines`) until it ends; the first Ctrl-C asks it to stop."""
     interrupted = False
 
     def on_signal(signum, _frame):
@@ -221,29 +221,75 @@ def _follow(runtime: Runtime, run_id: str) -> str:
 
     previous = signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    seen = 0
     try:
-        while True:
-            for event in runtime.store.events(run_id, after=seen, limit=500):
-                seen = event["seq"]
-                if event["kind"] == "verdict":
-                    click.echo(_iteration_line(runtime, run_id, event))
-                elif event["kind"] == "approval_requested":
-                    click.echo(_waiting_line(event["data"]))
-                elif event["kind"] == "stall":
-                    click.echo(f"stalled, {event['data']['stage']}: {event['data']['reason']}")
-            run = runtime.get_run(run_id)
-            if run.finished and not runtime.store.events(run_id, after=seen, limit=1):
-                status = runtime.status(run_id)
-                click.echo(
-                    f"{run.status}: {run.reason} · branch {run.branch}"
-                    + (f" · commit {run.commit_sha[:10]}" if run.commit_sha else "")
-                    + f" · spent ${status.spent_usd:.4f} of ${status.max_cost_usd:.2f}"
-                )
-                return run.status
-            time.sleep(0.2)
+        return _print_lines(runtime, run_id, follow=True)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _print_lines(runtime: Runtime, run_id: str, follow: bool) -> str:
+    """Print a run's lines so far and, following, its new ones until it ends (then a last line). Its status."""
+    lines = _Lines(runtime, run_id)
+    while True:
+        for line in lines.poll():
+            click.echo(line)
+        run = runtime.get_run(run_id)
+        if run.finished and lines.caught_up():
+            status = runtime.status(run_id)
+            click.echo(f"{run.status}: {run.reason} · branch {run.branch}"
+                       + (f" · commit {run.commit_sha[:10]}" if run.commit_sha else "")
+                       + f" · spent ${status.spent_usd:.4f} of ${status.max_cost_usd:.2f}")
+            return run.status
+        if not follow:
+            return run.status
+        time.sleep(0.2)
+
+
+class _Lines:
+    """A run's trace as lines while it grows: each tool call as it starts and as it ends, each verdict with
+    the iteration's cost and the spend against the budget, a wait for a person with the command that
+    answers it, a stall."""
+
+    def __init__(self, runtime: Runtime, run_id: str):
+        self.runtime, self.run_id = runtime, run_id
+        self.seen = 0  # the trace is read after this sequence number
+        self.running: list[str] = []  # keys of tool calls begun and not yet ended (settled in place)
+
+    def caught_up(self) -> bool:
+        return not self.running and not self.runtime.store.events(self.run_id, after=self.seen, limit=1)
+
+    def poll(self) -> list[str]:
+        store, lines = self.runtime.store, []
+        for key in list(self.running):
+            event = store.event(self.run_id, key)
+            if event is not None and "unfinished" not in event["data"]:
+                lines.append(_tool_end_line(event))
+                self.running.remove(key)
+        for event in store.events(self.run_id, after=self.seen, limit=500):
+            self.seen = event["seq"]
+            kind, data = event["kind"], event["data"]
+            if kind == "tool_call":
+                lines.append(f"  → {data['tool']} {json.dumps(data['input'])[:100]}")
+                if "unfinished" in data:
+                    self.running.append(event["key"])
+                else:
+                    lines.append(_tool_end_line(event))
+            elif kind == "verdict":
+                lines.append(_iteration_line(self.runtime, self.run_id, event))
+            elif kind == "approval_requested":
+                lines.append(_waiting_line(data))
+            elif kind == "approval_resolved":
+                lines.append(f"  approval {data['approval']}: {data['status']}" + (f" ({data['note']})" if data["note"] else ""))
+            elif kind == "stall":
+                lines.append(f"stalled, {data['stage']}: {data['reason']}")
+        return lines
+
+
+def _tool_end_line(event: dict[str, Any]) -> str:
+    data = event["data"]
+    state = "interrupted" if data.get("interrupted") else "error" if data.get("is_error") else "ok"
+    output = next((line.strip() for line in str(data.get("output", "")).splitlines() if line.strip()), "")
+    return f"    {state} · {event['duration_ms']:.0f} ms" + (f" · {output[:100]}" if output else "")
 
 
 def _waiting_line(data: dict[str, Any]) -> str:
@@ -367,6 +413,17 @@ def _event_line(e: dict[str, Any]) -> str:
 
 def _time(ts: float) -> str:
     return datetime.fromtimestamp(ts).strftime("%H:%M:%S")
+
+
+@main.command()
+@click.argument("run_id")
+@click.option("--follow", "-f", is_flag=True, help="go on printing as the run goes on, until it ends")
+def logs(run_id: str, follow: bool) -> None:
+    """What a run did: each tool call, verdict and wait for a person; with --follow, as it happens."""
+    try:
+        _print_lines(_runtime(), run_id, follow)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 @main.command()
