@@ -428,6 +428,25 @@ def logs(run_id: str, follow: bool) -> None:
 
 @main.command()
 @click.argument("run_id")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="the file to write (default: loopwright-RUN.html)")
+def report(run_id: str, output: Path | None) -> None:
+    """Write a run as one self-contained HTML page: iterations, cost chart, calls, diff."""
+    from .runtime.report import run_page
+    from .runtime.worktree import diff_commits
+
+    runtime = _runtime()
+    run = runtime.get_run(run_id)
+    events: list[dict[str, Any]] = []
+    while batch := runtime.store.events(run_id, after=events[-1]["seq"] if events else 0, limit=1000):
+        events += batch
+    diff = diff_commits(Path(run.repo), run.base_commit, run.commit_sha or run.branch) if run.base_commit else ""
+    path = output or Path(f"loopwright-{run_id}.html")
+    path.write_text(run_page(runtime.status(run_id).to_dict(), events, diff), encoding="utf-8")
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("run_id")
 def stop(run_id: str) -> None:
     """Ask a run to stop; it stops before its next model or tool call."""
     run = _runtime().stop_run(run_id)

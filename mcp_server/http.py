@@ -9,6 +9,7 @@ from mcp.server.mcpserver import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 from loopwright.runtime.automations import install_automations
+from loopwright.runtime.dashboard import mount_dashboard
 from loopwright.runtime.daemon import Daemon
 from loopwright.runtime.service import Runtime
 
@@ -41,4 +42,5 @@ def serve_http(host: str, port: int, loops_dir: Path | None, allow_remote: bool 
     loops = loops_dir or Path(os.environ.get("LOOPWRIGHT_LOOPS", "loops")).resolve()
     mount_mcp(daemon, build_server(runtime, loops))
     install_automations(daemon, loops)  # the loops' [[trigger]]s: schedules, watches, webhooks at /hooks
+    mount_dashboard(daemon)  # the dashboard at / for a person with a browser
     daemon.run()

@@ -25,7 +25,9 @@ neither `mcp_server` nor any plugin):
   and the daemon goes on serving.
 
 Security: the token is generated at first start into LOOPWRIGHT_HOME/token (mode 0600) and is
-compared in constant time; it never appears in logs or error messages. Binding to an address
+compared in constant time; it never appears in logs or error messages. A browser signed in to the
+dashboard (runtime/dashboard.py) sends a session cookie derived from the token instead; a browser
+without either is sent to the sign-in page. Binding to an address
 that is not loopback is refused unless `allow_remote` is given; the token is required either
 way. `allowed_hosts` / `allowed_origins` (the bound host:port, plus loopback names) are what
 contributed apps check the Host and Origin headers against, against DNS rebinding.
@@ -35,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -49,6 +52,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
+from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +62,7 @@ import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, RedirectResponse
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -67,6 +71,7 @@ from .service import DAEMON_FILE, Runtime
 log = logging.getLogger(__name__)
 
 TOKEN_FILE = "token"
+SESSION_COOKIE = "loopwright_session"  # a browser's sign-in to the dashboard (runtime/dashboard.py)
 LOCK_FILE = "daemon.lock"
 DEFAULT_PORT = 8765
 STARTUP_TIMEOUT_S = 30
@@ -87,6 +92,12 @@ async def _take_over(daemon: Daemon, *, task_status: Any) -> None:
         taken = await anyio.to_thread.run_sync(daemon.runtime.recover_orphaned_runs)
         if taken:
             log.warning("took over runs whose process died: %s", ", ".join(taken))
+
+
+def derived(token: str, purpose: str) -> str:
+    """A value made from the daemon's token for one purpose (the dashboard's session cookie, its form token):
+    worth nothing once the token changes, and it does not reveal the token."""
+    return hmac.new(token.encode(), purpose.encode(), hashlib.sha256).hexdigest()
 
 
 # --- the token -----------------------------------------------------------------------------------
@@ -119,10 +130,11 @@ def load_or_create_token(home: Path) -> str:
 class RequireToken:
     """ASGI middleware: every HTTP request outside the public paths must carry the bearer token."""
 
-    def __init__(self, app: ASGIApp, token: str, public_paths: frozenset[str] = frozenset()):
+    def __init__(self, app: ASGIApp, token: str, public_paths: frozenset[str] = frozenset(), session: str = ""):
         self.app = app
         self._token = token.encode()
         self._public_paths = public_paths
+        self._session = session.encode()  # the dashboard's session cookie, derived from the token
 
     def _is_public(self, path: str) -> bool:
         return any(path == p or path.startswith(p.rstrip("/") + "/") for p in self._public_paths)
@@ -131,9 +143,14 @@ class RequireToken:
         if scope["type"] != "http" or self._is_public(scope["path"]):
             await self.app(scope, receive, send)
             return
-        scheme, _, given = Headers(scope=scope).get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token):
+        headers = Headers(scope=scope)
+        scheme, _, given = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self._token) or \
+                self._session and hmac.compare_digest(_cookie(headers, SESSION_COOKIE).encode(), self._session):
             await self.app(scope, receive, send)
+            return
+        if scope["method"] == "GET" and "text/html" in headers.get("accept", ""):  # a browser: the sign-in page
+            await RedirectResponse("/login", status_code=303)(scope, receive, send)
             return
         response = JSONResponse(
             {"error": "missing or wrong bearer token: send the header `Authorization: Bearer <token>` "
@@ -141,6 +158,12 @@ class RequireToken:
             status_code=401, headers={"WWW-Authenticate": 'Bearer realm="loopwright"'},
         )
         await response(scope, receive, send)
+
+
+def _cookie(headers: Headers, name: str) -> str:
+    cookies = SimpleCookie()
+    cookies.load(headers.get("cookie", ""))
+    return cookies[name].value if name in cookies else ""
 
 
 # --- addresses -----------------------------------------------------------------------------------
@@ -252,7 +275,8 @@ class Daemon:
     def app(self) -> Starlette:
         return Starlette(
             routes=self._routes,
-            middleware=[Middleware(RequireToken, token=self.token, public_paths=frozenset(self._public_paths))],
+            middleware=[Middleware(RequireToken, token=self.token, public_paths=frozenset(self._public_paths),
+                                   session=derived(self.token, "dashboard session"))],
             lifespan=lambda _app: self._lifespan(),
         )
 
@@ -306,6 +330,11 @@ class Daemon:
             raise self._startup_error
         if not self._server.started:
             raise DaemonError("the daemon did not start; the error is logged above")
+
+    @property
+    def stopping(self) -> bool:
+        """The daemon is shutting down: open streams should end now."""
+        return self._server is not None and self._server.should_exit
 
     def stop(self) -> None:
         """Ask a serving daemon to shut down (from any thread)."""

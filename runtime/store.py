@@ -324,6 +324,29 @@ class Store:
             row["data"] = json.loads(row["data"])
         return rows
 
+    def triggers_of(self, run_ids: list[str]) -> dict[str, str]:
+        """The automation that started each of these runs (runs started by hand are not in it)."""
+        query = sa.select(firings.c.run_id, firings.c.automation).where(firings.c.run_id.in_(run_ids),
+                                                                         firings.c.status == "started")
+        with self.engine.connect() as db:
+            return {run_id: automation for run_id, automation in db.execute(query)}
+
+    def automation_rows(self, day: str) -> list[dict[str, Any]]:
+        """Every automation with the runs it started on `day` (UTC, YYYY-MM-DD) and what they spent."""
+        started = (sa.select(firings.c.automation, sa.func.count().label("runs"),
+                             sa.func.coalesce(sa.func.sum(runs.c.spent_usd), 0.0).label("spent_usd"))
+                   .select_from(firings.join(runs, runs.c.id == firings.c.run_id))
+                   .where(firings.c.day == day, firings.c.status == "started").group_by(firings.c.automation).subquery())
+        query = (sa.select(automations, sa.func.coalesce(started.c.runs, 0).label("runs_today"),
+                           sa.func.coalesce(started.c.spent_usd, 0.0).label("spent_today"))
+                 .select_from(automations.outerjoin(started, started.c.automation == automations.c.id))
+                 .order_by(automations.c.id))
+        with self.engine.connect() as db:
+            rows = [dict(row._mapping) for row in db.execute(query)]
+        for row in rows:
+            row["settings"] = json.loads(row["settings"])
+        return rows
+
     def totals(self, run_id: str, through: int | None = None) -> Totals:
         """The run's tokens, cost and calls; with `through`, only those of iterations up to that one."""
         c = events.c

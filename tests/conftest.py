@@ -74,6 +74,23 @@ def database(request, home, monkeypatch) -> str:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium driven by Playwright: Debian's `chromium` (.ci/setup installs it) or the one in
+    LOOPWRIGHT_TEST_CHROMIUM; Playwright downloads no browser of its own."""
+    from playwright.sync_api import sync_playwright
+
+    executable = os.environ.get("LOOPWRIGHT_TEST_CHROMIUM") or shutil.which("chromium")
+    if executable is None:
+        if os.environ.get("CI"):
+            raise AssertionError("no chromium for the browser tests (.ci/setup installs Debian's)")
+        pytest.skip("no chromium; `bash .ci/setup` installs Debian's")
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=executable, headless=True)
+        yield chromium
+        chromium.close()
+
+
 # --- running loops ---------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fix-failing-test"
