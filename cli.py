@@ -351,6 +351,8 @@ def status(run_id: str, as_json: bool) -> None:
     if s.last_verdict:
         for check in s.last_verdict["checks"]:
             click.echo(f"  {'pass' if check['passed'] else 'FAIL'}  {check['name']}")
+    for approval in s.pending_approvals:
+        click.echo(_waiting_line({"approval": approval["approval_id"], "tool": approval["tool"], "input": approval["input"]}))
 
 
 @main.command()
@@ -416,14 +418,41 @@ def _time(ts: float) -> str:
 
 
 @main.command()
-@click.argument("run_id")
+@click.argument("run_id", required=False)
 @click.option("--follow", "-f", is_flag=True, help="go on printing as the run goes on, until it ends")
-def logs(run_id: str, follow: bool) -> None:
-    """What a run did: each tool call, verdict and wait for a person; with --follow, as it happens."""
+def logs(run_id: str | None, follow: bool) -> None:
+    """What a run did: each tool call, verdict and wait for a person; with --follow, as it happens.
+    Without RUN: every run that is going on now or starts later (what a daemon is doing), until Ctrl-C."""
     try:
-        _print_lines(_runtime(), run_id, follow)
+        if run_id:
+            _print_lines(_runtime(), run_id, follow)
+        else:
+            _print_all_lines(_runtime(), follow)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _print_all_lines(runtime: Runtime, follow: bool) -> None:
+    """The lines of every unfinished run, and of each run that starts while following, each line after its
+    run's id; a run's last line when it ends."""
+    following: dict[str, _Lines] = {}
+    ended: set[str] = set()
+    while True:
+        for run in runtime.list_runs(limit=200):
+            if run.id not in following and run.id not in ended and not run.finished:
+                following[run.id] = _Lines(runtime, run.id)
+                click.echo(f"{run.id} started: loop {run.loop} on branch {run.branch}")
+        for rid, lines in list(following.items()):
+            for line in lines.poll():
+                click.echo(f"{rid} {line}")
+            run = runtime.get_run(rid)
+            if run.finished and lines.caught_up():
+                click.echo(f"{rid} {run.status}: {run.reason} · spent ${run.spent_usd:.4f}")
+                ended.add(rid)
+                del following[rid]
+        if not follow:
+            return
+        time.sleep(0.5)
 
 
 @main.command()

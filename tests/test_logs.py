@@ -4,6 +4,7 @@ call as it starts and ends, the verdict, and a wait for a person with the comman
 from __future__ import annotations
 
 import queue
+import signal
 import subprocess
 import threading
 import time
@@ -76,6 +77,8 @@ def test_the_foreground_run_shows_a_waiting_approval_with_the_command_that_answe
         waiting = shown.until(lambda line: line.startswith("waiting for a person"))
         approval_id = waiting.split("`loopwright approve ")[1].split("`")[0]
         assert 'run_command {"command": "echo deploy now"}' in waiting
+        run_id = shown.lines[0].split()[1]
+        assert waiting in loopwright("status", run_id).stdout.splitlines()  # `status` says which call waits
         answered = loopwright("approve", approval_id, "--note", "go ahead")
         assert answered.returncode == 0, answered.stderr
         shown.until(lambda line: line == f"  approval {approval_id}: allowed (go ahead)")
@@ -83,3 +86,21 @@ def test_the_foreground_run_shows_a_waiting_approval_with_the_command_that_answe
         shown.until(lambda line: line.startswith("succeeded: "))
     finally:
         assert run.wait(timeout=120) == 0
+
+
+def test_logs_follow_without_a_run_prints_every_run_that_starts(home, project, model):
+    home.mkdir(parents=True, exist_ok=True)
+    model([tool_use("run_command", {"command": "echo hello"}), FIX, text("Fixed.")])
+    logs = subprocess.Popen([*LOOPWRIGHT, "logs", "--follow"], stdout=subprocess.PIPE, text=True)
+    followed = Lines(logs)
+    try:
+        time.sleep(2)  # following before the run exists
+        run = loopwright("run", str(write_spec(project, stop={"max_iterations": 2})))
+        run_id = run.stdout.split()[1]
+        followed.until(lambda line: line.startswith(f"{run_id} started: loop fix-failing-test"))
+        followed.until(lambda line: line.startswith(f"{run_id}   → run_command"))
+        followed.until(lambda line: line.startswith(f"{run_id} iteration 1: pass"))
+        followed.until(lambda line: line.startswith(f"{run_id} succeeded: "))
+    finally:
+        logs.send_signal(signal.SIGINT)
+        assert logs.wait(timeout=30) == 130
