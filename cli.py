@@ -465,13 +465,36 @@ def report(run_id: str, output: Path | None) -> None:
 
     runtime = _runtime()
     run = runtime.get_run(run_id)
-    events: list[dict[str, Any]] = []
-    while batch := runtime.store.events(run_id, after=events[-1]["seq"] if events else 0, limit=1000):
-        events += batch
+    events = runtime.store.all_events(run_id)
     diff = diff_commits(Path(run.repo), run.base_commit, run.commit_sha or run.branch) if run.base_commit else ""
     path = output or Path(f"loopwright-{run_id}.html")
     path.write_text(run_page(runtime.status(run_id).to_dict(), events, diff), encoding="utf-8")
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("run_ids", nargs=-1)
+@click.option("--loop", help="every finished run of this loop (with no RUN given)")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="the file to write (default: standard output)")
+def export(run_ids: tuple[str, ...], loop: str | None, output: Path | None) -> None:
+    """Runs as JSON lines for fine-tuning: per iteration, the prompt, what the maker said and did, the verdict as reward."""
+    from .runtime.report import export_lines
+
+    runtime = _runtime()
+    if not run_ids and not loop:
+        fail("name the runs to export, or --loop LOOP for every finished run of a loop")
+    ids = list(run_ids) or [r.id for r in reversed(runtime.list_runs(loop, limit=10_000)) if r.finished]
+    lines = []
+    for run_id in ids:
+        run = runtime.get_run(run_id)
+        events = runtime.store.all_events(run_id)
+        lines += [json.dumps(record) for record in export_lines({"id": run.id, "loop": run.loop, "spec": run.spec}, events)]
+    text = "".join(line + "\n" for line in lines)
+    if output:
+        output.write_text(text, encoding="utf-8")
+        click.echo(f"wrote {len(lines)} iterations of {len(ids)} runs to {output}")
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command()

@@ -141,9 +141,7 @@ class Dashboard:
     def _run_fragment(self, run_id: str) -> str:
         run = self.runtime.get_run(run_id)
         status = self.runtime.status(run_id).to_dict()
-        events: list[dict[str, Any]] = []
-        while batch := self.runtime.store.events(run_id, after=events[-1]["seq"] if events else 0, limit=1000):
-            events += batch
+        events = self.runtime.store.all_events(run_id)
         approvals = "".join(self._approval_form(run_id, a) for a in status["pending_approvals"])
         return self._controls(run) + run_body(status, events, approvals=approvals)
 

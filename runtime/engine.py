@@ -158,7 +158,8 @@ class LoopRun:
             stalled, note, restored = "", "", None
             turn = Turn(self, iteration, opening)
             ended_by = await maker.take_turn(turn)
-            self._event(f"{iteration}.turn", "turn_end", iteration, {"ended_by": ended_by, "tool_calls": turn.tool_calls})
+            self._event(f"{iteration}.turn", "turn_end", iteration,
+                        {"ended_by": ended_by, "tool_calls": turn.tool_calls, "opening": opening})
             verdict = await self._verify(iteration, turn.summary())
             progress.add(verdict)
             commits[iteration] = await step(f"commit:{iteration}", self._commit_iteration, iteration, verdict.to_dict())

@@ -161,3 +161,32 @@ def _call(event: dict[str, Any]) -> str:
     return (f'<details class="model-call"><summary>{e(data.get("role", "maker"))} · {e(data.get("model", ""))} · {tokens} · '
             f'${event["cost_usd"]:.4f} · {event["duration_ms"]:.0f} ms</summary><pre>{e(said or data.get("error", ""))}</pre>'
             "</details>")
+
+
+def export_lines(run: dict[str, Any], events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A run as training data, one record per iteration (`loopwright export`): what the maker was told,
+    what it said and did, and the verdict as the reward (1.0 when every check passed, else the share of
+    checks that passed)."""
+    records = []
+    for row in iterations(events):
+        said, actions, prompt, verdict = [], [], "", None
+        for event in row.calls:
+            data = event["data"]
+            if event["kind"] == "tool_call":
+                actions.append({"tool": data.get("tool"), "input": data.get("input"), "is_error": bool(data.get("is_error")),
+                                "output": str(data.get("output", ""))[:4000]})
+            elif data.get("role", "maker") == "maker":
+                said += [b["text"] for b in data.get("content", []) if isinstance(b, dict) and b.get("type") == "text"]
+        for event in events:
+            if event["iteration"] == row.number and event["kind"] == "turn_end":
+                prompt = event["data"].get("opening", "")
+            if event["iteration"] == row.number and event["kind"] == "verdict":
+                verdict = event["data"]
+        checks = (verdict or {}).get("checks", [])
+        records.append({
+            "run": run["id"], "loop": run["loop"], "goal": run["spec"].get("goal", ""), "iteration": row.number,
+            "model": run["spec"].get("agent", {}).get("model", ""), "prompt": prompt, "said": said, "actions": actions,
+            "verdict": verdict, "reward": 1.0 if row.passed else (sum(c["passed"] for c in checks) / len(checks) if checks else 0.0),
+            "cost_usd": round(row.cost_usd, 6),
+        })
+    return [r for r in records if r["verdict"] is not None or r["actions"] or r["said"]]

@@ -347,6 +347,13 @@ class Store:
             row["settings"] = json.loads(row["settings"])
         return rows
 
+    def all_events(self, run_id: str) -> list[dict[str, Any]]:
+        """A run's whole trace, oldest first."""
+        found: list[dict[str, Any]] = []
+        while batch := self.events(run_id, after=found[-1]["seq"] if found else 0, limit=1000):
+            found += batch
+        return found
+
     def totals(self, run_id: str, through: int | None = None) -> Totals:
         """The run's tokens, cost and calls; with `through`, only those of iterations up to that one."""
         c = events.c
