@@ -55,10 +55,37 @@ def _progress_message(runtime: Runtime, run_id: str, summary: dict[str, Any]) ->
     return message
 
 
+class _Server(MCPServer):
+    """The SDK's server, but an argument a tool does not take is an error that names it (ignored, a misspelt
+    `max_cost_usd` would start a run with the default budget), and so is a string that is no valid text."""
+
+    _takes: dict[str, set[str]] | None = None
+
+    async def call_tool(self, name: str, arguments: dict[str, Any], context: Any = None) -> Any:
+        if self._takes is None:
+            self._takes = {tool.name: set(tool.input_schema.get("properties", {})) for tool in await self.list_tools()}
+        unknown = sorted(set(arguments) - self._takes.get(name, set(arguments)))
+        if unknown:
+            takes = ", ".join(sorted(self._takes[name])) or "no arguments"
+            raise ToolError(f"{name} takes no argument {', '.join(repr(u[:50]) for u in unknown)}; it takes: {takes}")
+        for key, value in arguments.items():
+            if isinstance(value, str) and not _is_text(value):
+                raise ToolError(f"{key}: not valid text (it holds a lone surrogate, which no UTF-8 text can)")
+        return await super().call_tool(name, arguments, context)
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
     """Every tool and resource, for any transport."""
     resources = RunResources(runtime)
-    mcp = MCPServer("loopwright", instructions=INSTRUCTIONS, version="0.1.0", log_level="WARNING",
+    mcp = _Server("loopwright", instructions=INSTRUCTIONS, version="0.1.0", log_level="WARNING",
                     subscriptions=resources.bus, lifespan=resources.lifespan)
     resources.install(mcp)
 

@@ -84,7 +84,10 @@ def test_bad_arguments_are_tool_errors_that_name_the_problem(world, monkeypatch)
         if result.is_error:  # it names the argument, or the run, approval or loop that is not there
             assert "Traceback" not in text, (tool, args, text)
             said = text.removeprefix(f"Error executing tool {tool}:").strip()
-            assert any(field in said for field in TOOLS[tool]) or said.startswith(UNKNOWN), (tool, args, text)
+            assert any(field in said for field in [*TOOLS[tool], *args]) or said.startswith(UNKNOWN), (tool, args, text)
+        extra = sorted(set(args) - set(TOOLS[tool]))
+        if extra:  # an argument the tool does not take is refused by its name, never ignored
+            assert result.is_error and f"{tool} takes no argument {extra[0]!r}" in text, (tool, args, text)
         assert "read from outside the loops folder" not in text, (tool, args, text)
 
     call()
