@@ -82,6 +82,12 @@ def newest_within(title: str, lines: list[str], budget: int, older: int = 0) -> 
     return text if len(text) <= budget else None
 
 
+def candidate_note(k: int, n: int) -> str:
+    """What a candidate maker (`[agent] candidates = n`) is told after the iteration's opening message."""
+    return (f"\n\n(You are candidate {k} of {n}: {n} attempts at this iteration start from the same tree side by "
+            "side, and the one the checks judge best is kept. Take your own best approach.)")
+
+
 def opening_message(memory: list[str], progress: Progress, run_id: str, memory_budget: int = 4000, *,
                     stalled: str = "", note: str = "", restored: int | None = None) -> str:
     """The user message an iteration starts with: the working memory, a person's note, then the latest

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter
 from contextlib import AsyncExitStack
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
@@ -156,11 +156,13 @@ class LoopRun:
             opening = context.opening_message(memory, progress, self.id, self.spec.memory.working_chars,
                                               stalled=stalled, note=note, restored=restored)
             stalled, note, restored = "", "", None
-            turn = Turn(self, iteration, opening)
-            ended_by = await maker.take_turn(turn)
-            self._event(f"{iteration}.turn", "turn_end", iteration,
-                        {"ended_by": ended_by, "tool_calls": turn.tool_calls, "opening": opening})
-            verdict = await self._verify(iteration, turn.summary())
+            if self.spec.agent.candidates > 1:
+                turn, checks = await self._candidates(iteration, opening)
+            else:
+                turn = Turn(self, iteration, opening)
+                await self._take_turn(maker, turn, opening)
+                checks = await self._checks("verify", iteration)
+            verdict = await self._record_verdict(iteration, checks, turn.summary())
             progress.add(verdict)
             commits[iteration] = await step(f"commit:{iteration}", self._commit_iteration, iteration, verdict.to_dict())
             if verdict.passed:
@@ -187,11 +189,79 @@ class LoopRun:
             "failed", f"max_iterations: {limits.max_iterations} iterations without passing checks", limits.max_iterations
         )
 
-    async def _verify(self, iteration: int, summary: str) -> Verdict:
+    async def _take_turn(self, maker: Any, turn: Turn, opening: str) -> None:
+        ended_by = await maker.take_turn(turn)
+        self._event(f"{turn.prefix}.turn", "turn_end", turn.iteration,
+                    {"ended_by": ended_by, "tool_calls": turn.tool_calls, "opening": opening}
+                    | ({"candidate": turn.candidate} if turn.candidate else {}))
+
+    async def _checks(self, name: str, iteration: int, *where: Any) -> list[CheckResult]:
         try:
-            checks = [CheckResult(**c) for c in await step("verify", self._verify_copy, iteration)]
+            return [CheckResult(**c) for c in await step(name, self._verify_copy, iteration, *where)]
         except BudgetSpent as spent:  # a checker's model call would have crossed max_cost_usd
             raise StopRun("failed", spent.reason) from None
+
+    async def _candidates(self, iteration: int, opening: str) -> tuple[Turn, list[CheckResult]]:
+        """`[agent] candidates = N`: N makers take the iteration's turn side by side, each from the run's tree
+        in a worktree and sandbox of its own, and each is verified; the best (passing first, then the most
+        checks passed, then the lowest cost) becomes the run's tree. All their calls are in the trace and
+        count against the budget; every candidate's worktree and sandbox is removed."""
+        n = self.spec.agent.candidates
+        paths = await step(f"candidates:{iteration}", self._candidate_worktrees, n)
+        provider = self.rt.host.sandbox(self.spec.sandbox.kind)
+        boxes: list[Sandbox] = []
+        try:
+            for k, path in enumerate(paths, 1):
+                boxes.append(await anyio.to_thread.run_sync(
+                    lambda k=k, path=path: provider.start(run_id=f"{self.id}-c{k}", worktree=Path(path), spec=self.spec)))
+            turns = [Turn(self, iteration, opening + context.candidate_note(k, n), k, box, replace(self.info, worktree=Path(path)))
+                     for k, (path, box) in enumerate(zip(paths, boxes), 1)]
+            async with anyio.create_task_group() as group:
+                for turn in turns:
+                    maker = self.rt.host.agent(self.spec.agent.kind)(self.spec.agent, self.rt.settings)
+                    group.start_soon(self._take_turn, maker, turn, opening)
+            results = [await self._checks(f"verify:c{k}", iteration, path, f"{iteration}-c{k}", box)
+                       for k, (path, box) in enumerate(zip(paths, boxes), 1)]
+        finally:
+            for box in boxes:
+                await anyio.to_thread.run_sync(box.close)
+        costs = await anyio.to_thread.run_sync(self._candidate_costs, iteration, n)
+        best = max(range(n), key=lambda i: (all(c.passed for c in results[i]), sum(c.passed for c in results[i]), -costs[i]))
+        await step(f"adopt:{iteration}", self._adopt, iteration, paths, best)
+        self._event(f"{iteration}.candidates", "candidates", iteration, {"candidates": [
+            {"candidate": k, "passed": all(c.passed for c in checks), "headline": Verdict(iteration, checks).headline,
+             "cost_usd": round(costs[k - 1], 6), "chosen": k - 1 == best} for k, checks in enumerate(results, 1)]})
+        return turns[best], results[best]
+
+    def _candidate_worktrees(self, n: int) -> list[str]:
+        wt = self._worktree()
+        start = worktrees.head(wt)
+        return [str(worktrees.create_worktree(wt.repo, self.rt.settings.worktrees, self.spec.name, f"{self.id}-c{k}",
+                                              start=start).path) for k in range(1, n + 1)]
+
+    def _candidate_costs(self, iteration: int, n: int) -> list[float]:
+        events = self.store.all_events(self.id)
+        return [sum(e["cost_usd"] for e in events if e["key"].startswith((f"{iteration}.c{k}.", f"{iteration}-c{k}.")))
+                for k in range(1, n + 1)]
+
+    def _adopt(self, iteration: int, paths: list[str], best: int) -> None:
+        """The chosen candidate's tree becomes the run's; every candidate's worktree and branch go."""
+        wt = self._worktree()
+        chosen = worktrees.Worktree(wt.repo, Path(paths[best]), f"{wt.branch}-c{best + 1}", wt.base_commit)
+        commit = worktrees.commit_all(chosen, f"loopwright: candidate {best + 1} of iteration {iteration}", allow_empty=True)
+        assert commit is not None
+        worktrees.restore_tree(wt, commit)
+        self._remove_candidates()
+
+    def _remove_candidates(self) -> None:
+        found = sorted(self.rt.settings.worktrees.glob(f"{self.id}-c*"))
+        if not found:
+            return
+        wt = self._worktree()
+        for path in found:
+            worktrees.remove_worktree(wt.repo, path, branch=f"{wt.branch}-{path.name.rsplit('-', 1)[1]}")
+
+    async def _record_verdict(self, iteration: int, checks: list[CheckResult], summary: str) -> Verdict:
         verdict = Verdict(iteration, checks)
         self.store.update_run(self.id, last_verdict=verdict.to_dict())
         self._event(f"{iteration}.verdict", "verdict", iteration, verdict.to_dict())
@@ -254,14 +324,14 @@ class LoopRun:
         threading.Thread(target=discard, name=f"loopwright-discard-{folder.name}").start()
 
     def _context(self, iteration: int, index: int, sandbox: Sandbox, changed: list[str],
-                 diff: Callable[[], str]) -> VerifyContext:
+                 diff: Callable[[], str], label: str | None = None) -> VerifyContext:
         baseline = self.baselines.get(str(index))
         calls = iter(range(1, 1_000_000))
         sent = self._sending  # model -> the request a checker is sending, its event's key and estimate
         data = {"role": "reviewer", "check": self.spec.verify[index].label}
 
         def key() -> str:
-            return f"{iteration}.check.{index}.model" + (f".{n}" if (n := next(calls)) > 1 else "")
+            return f"{label or iteration}.check.{index}.model" + (f".{n}" if (n := next(calls)) > 1 else "")
 
         def check_budget(model: str, request: dict[str, Any]) -> None:
             cost = self.budget.estimate(self.rt.settings.price(model), model, request)
@@ -306,13 +376,18 @@ class LoopRun:
             self._discard_check(box, folder)
         return paths
 
-    def _verify_copy(self, iteration: int) -> list[dict[str, Any]]:
-        """The protected-files check, then every check of the spec, on a clean copy in a fresh sandbox."""
+    def _verify_copy(self, iteration: int, path: str | None = None, label: str | None = None,
+                     maker_box: Sandbox | None = None) -> list[dict[str, Any]]:
+        """The protected-files check, then every check of the spec, on a clean copy in a fresh sandbox; of the
+        run's worktree, or of a candidate's (`path`, its checks traced under `label`, its maker's sandbox)."""
         wt = self._worktree()
+        if path is not None:
+            wt = worktrees.Worktree(wt.repo, Path(path), f"{wt.branch}-{label}", wt.base_commit)
+        label = label or str(iteration)
         pointer_tampered = worktrees.pointer_tampered(wt)
         base = worktrees.tree_of(wt, wt.base_commit)
         oracle = self._oracle(base)
-        folder = self._check_folder(str(iteration))
+        folder = self._check_folder(label)
         box = None
         try:
             skipped: list[str] = []
@@ -323,12 +398,13 @@ class LoopRun:
             verification.restore(folder, tampered, base, blobs)
             pinned = verification.scan(folder, lambda p: p in self.pins)
             drifted = sorted(p for p, sha in self.pins.items() if pinned.get(p, ("", ""))[1] != sha)
-            results = [self._protect_result(pointer_tampered, tampered, drifted, skipped + self._left_outside())]
-            box = self._check_sandbox(str(iteration), folder)
+            results = [self._protect_result(pointer_tampered, tampered, drifted,
+                                            skipped + self._left_outside(maker_box or self.sandbox))]
+            box = self._check_sandbox(label, folder)
             for index, check in enumerate(self.spec.verify):
                 ctx = self._context(iteration, index, box, changed,
-                                    lambda: verification.unified_diff(changed, base, blobs, folder))
-                results.append(self._run_check(ctx, index, check))
+                                    lambda: verification.unified_diff(changed, base, blobs, folder), label)
+                results.append(self._run_check(ctx, index, check, label))
             during = oracle.tampered(verification.scan(folder, oracle.wants), lambda p: verification.read(folder, p),
                                      lambda p: blobs[base[p][1]])
             if during:
@@ -339,11 +415,11 @@ class LoopRun:
         finally:
             self._discard_check(box, folder)
 
-    def _left_outside(self) -> list[str]:
+    def _left_outside(self, sandbox: Sandbox | None) -> list[str]:
         """Files in the maker's sandbox, outside the tree, that would change how Python starts there."""
-        if self.sandbox is None:
+        if sandbox is None:
             return []
-        found = self.sandbox.run("find /tmp -xdev \\( -name '*.pth' -o -name sitecustomize.py -o -name usercustomize.py "
+        found = sandbox.run("find /tmp -xdev \\( -name '*.pth' -o -name sitecustomize.py -o -name usercustomize.py "
                                  "\\) 2>/dev/null | head -20", timeout=30)
         return found.stdout.split()
 
@@ -365,7 +441,7 @@ class LoopRun:
                          + ", ".join(ignored[:10]) + (" ..." if len(ignored) > 10 else "") + ".")
         return asdict(CheckResult("protected files", not problems, feedback.strip(), signature))
 
-    def _run_check(self, ctx: VerifyContext, index: int, check: Any) -> dict[str, Any]:
+    def _run_check(self, ctx: VerifyContext, index: int, check: Any, label: str | None = None) -> dict[str, Any]:
         verifier = self.rt.host.verifier(check.kind)(check)
         started = time.monotonic()
         try:
@@ -377,7 +453,8 @@ class LoopRun:
             self._sending.clear()
         result.name = check.label
         result.duration_ms = (time.monotonic() - started) * 1000
-        self._event(f"{ctx.iteration}.check.{index}", "check", ctx.iteration, asdict(result), duration_ms=result.duration_ms)
+        self._event(f"{label or ctx.iteration}.check.{index}", "check", ctx.iteration, asdict(result),
+                    duration_ms=result.duration_ms)
         return asdict(result)
 
     def begin_model_call(self, key: str, iteration: int, model: str, role: str, estimate: float) -> str:
@@ -442,6 +519,7 @@ class LoopRun:
     def _finish(self, outcome: dict[str, Any]) -> None:
         for folder in self.rt.settings.checks.glob(f"{self.id}-*"):  # copies whose removal a crash cut short
             shutil.rmtree(folder, ignore_errors=True)
+        self._remove_candidates()  # a run that ended among its candidates (`[agent] candidates`)
         self.store.update_run(
             self.id, status=outcome["status"], reason=outcome["reason"], commit_sha=outcome["commit"] or "",
             finished_at=time.time(),
@@ -571,9 +649,13 @@ def _digest(text: str) -> str:
 class Turn:
     """One iteration of the maker, as the maker plugin sees it: durable model and tool calls."""
 
-    def __init__(self, run: LoopRun, iteration: int, opening: str):
+    def __init__(self, run: LoopRun, iteration: int, opening: str, candidate: int = 0,
+                 sandbox: Sandbox | None = None, info: RunInfo | None = None):
         self._run = run
-        self.run = run.info  # the run's id, spec and worktree (a command maker writes its prompt there)
+        self.run = info or run.info  # the run's id, spec and worktree (a command maker writes its prompt there)
+        self.sandbox = sandbox  # a candidate's own (`[agent] candidates`), else the run's
+        self.candidate = candidate
+        self.prefix = f"{iteration}.c{candidate}" if candidate else str(iteration)  # of its steps' keys
         self.iteration = iteration
         self.spec = run.spec
         self.system = context.system_blocks(run.spec, run.system_sections)
@@ -616,7 +698,7 @@ class Turn:
         """Count what a maker's own agent spent (a CLI agent's usage report) against the budget, traced as a
         model call of the maker; `cost_usd` when the agent priced it, else priced from `usage`. Returns the cost."""
         self._model_calls += 1
-        key = f"{self.iteration}.model.{self._model_calls}"
+        key = f"{self.prefix}.model.{self._model_calls}"
         cost = await step(f"usage:{key}", self._run._record_model_call, key, self.iteration, model, usage, 0.0,
                           {"role": "maker", "reported_by": "agent"}, cost_usd)
         self._run.budget.agent_ran(cost)
@@ -625,7 +707,7 @@ class Turn:
     async def model(self, model: str, request: dict[str, Any], send: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         """Call the model through `send` as a durable step, after checking the stop rules."""
         self._model_calls += 1
-        key = f"{self.iteration}.model.{self._model_calls}"
+        key = f"{self.prefix}.model.{self._model_calls}"
         while "stop" in (reply := await self._model_step(key, model, request, send)):
             status, reason = reply["stop"]
             if status != "paused":
@@ -685,7 +767,7 @@ class Turn:
         """Run one tool call as a durable step: policy hooks, the sandbox, the trace."""
         self.tool_calls += 1
         self._tried.append(name)
-        key = f"{self.iteration}.tool.{self.tool_calls}"
+        key = f"{self.prefix}.tool.{self.tool_calls}"
         rule = self.spec.approval_rule(name, arguments) if isinstance(arguments, dict) else None
         if rule is not None:
             refused = await self._run.approve(key, ToolCall(call_id, name, arguments, self.iteration), rule)
@@ -760,8 +842,9 @@ class Turn:
 
     async def _call_tool(self, call: ToolCall) -> ToolResult:
         tool = self._run.tools[call.name]
-        assert self._run.sandbox is not None
-        ctx = ToolContext(self._run.info, self._run.sandbox, self.spec.sandbox.tool_timeout_s, self._run.rt.settings.output_limit)
+        sandbox = self.sandbox or self._run.sandbox
+        assert sandbox is not None
+        ctx = ToolContext(self.run, sandbox, self.spec.sandbox.tool_timeout_s, self._run.rt.settings.output_limit)
         try:
             if inspect.iscoroutinefunction(tool.handler):
                 result = await tool.handler(ctx, call.input)

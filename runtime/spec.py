@@ -80,6 +80,7 @@ class AgentSpec(_Section):
     model: str = "claude-sonnet-5-5"
     max_tool_calls: Int = Field(40, ge=1, le=10_000)
     max_tokens: Int = Field(8192, ge=1, le=200_000)
+    candidates: Int = Field(1, ge=1, le=8)  # makers per iteration side by side; the best verdict is kept
     skills: list[str] = []  # skill folders (or folders of them), relative to the spec file
     system: str | None = None  # extra instructions appended to the built-in system prompt
     # kind = "command": a CLI agent run in the sandbox that prints its usage, e.g.

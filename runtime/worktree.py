@@ -156,8 +156,8 @@ def _registered_worktrees(repo: Path) -> dict[Path, str]:
     return result
 
 
-def create_worktree(repo: Path, root: Path, loop: str, run_id: str) -> Worktree:
-    """Create (or, for a resumed run, find) the run's worktree at ``root/run_id`` from HEAD.
+def create_worktree(repo: Path, root: Path, loop: str, run_id: str, start: str | None = None) -> Worktree:
+    """Create (or, for a resumed run, find) the run's worktree at ``root/run_id`` from HEAD (or ``start``).
 
     The folder may exist already if it is empty: a warm pool's sandbox mounts it before the run starts.
     """
@@ -188,7 +188,7 @@ def create_worktree(repo: Path, root: Path, loop: str, run_id: str) -> Worktree:
             base = _git(repo, "merge-base", branch, "HEAD").stdout.strip()
         return Worktree(repo=repo, path=path, branch=branch, base_commit=base)
 
-    base = head.stdout.strip()
+    base = start or head.stdout.strip()
     path.parent.mkdir(parents=True, exist_ok=True)
     with _one_writer(repo):
         _git(repo, "worktree", "add", "--quiet", "-b", branch, str(path), base)
@@ -283,13 +283,21 @@ def diff_commits(repo: Path, old: str, new: str) -> str:
     return _git(Path(repo), "diff", "--no-ext-diff", "--no-textconv", old, new).stdout
 
 
-def remove_worktree(repo: Path, path: Path) -> None:
-    """Remove a run's worktree folder; its branch (and every commit on it) stays in ``repo``."""
+def head(wt: Worktree) -> str:
+    """The last commit of the worktree's branch."""
+    return _git_wt(wt, "rev-parse", f"refs/heads/{wt.branch}").stdout.decode().strip()
+
+
+def remove_worktree(repo: Path, path: Path, branch: str | None = None) -> None:
+    """Remove a run's worktree folder; its branch (and every commit on it) stays in ``repo`` unless named
+    as ``branch`` (a candidate's, whose tree the run took over or set aside)."""
     path = Path(path)
     if Path(repo).is_dir() and _git(Path(repo), "rev-parse", "--git-dir", check=False).returncode == 0:
         with _one_writer(Path(repo)):
             _git(Path(repo), "worktree", "remove", "--force", "--force", str(path), check=False)
             _git(Path(repo), "worktree", "prune")
+            if branch:
+                _git(Path(repo), "branch", "-D", "--quiet", branch, check=False)
     if path.exists():  # the repository is gone, or git did not know the folder: delete it ourselves
         shutil.rmtree(path)  # never follows symlinks
 
