@@ -131,3 +131,22 @@ def test_a_person_approves_a_gated_call_and_stops_another_run_and_nothing_works_
     page.locator("#run-status", has_text="stopped").wait_for(timeout=60_000)
     assert store.get_run(slow).reason == "stopped by a person"
     context.close()
+
+
+def test_the_runs_page_lists_the_automations_with_their_next_firing(home, project, browser):
+    loops = project.parent / "loops"
+    loops.mkdir()
+    write_spec(project, name="nightly", trigger=[{"kind": "cron", "schedule": "0 7 * * 1-5", "timezone": "Europe/Berlin"}]
+               ).rename(loops / "nightly.toml")
+    served = DaemonProcess(home, loops)
+    try:
+        context, page = sign_in(browser, served)
+        page.reload()
+        row = page.locator("#automations tr", has_text="nightly/cron")
+        row.wait_for(timeout=30_000)
+        cells = row.locator("td").all_inner_texts()
+        assert cells[1] == "cron" and cells[3] == "0 runs, $0.0000"
+        assert cells[2].endswith(("CET", "CEST")) and " 07:00 " in cells[2]  # the next weekday at 07:00 in Berlin
+        context.close()
+    finally:
+        assert served.stop() == 0, served.output()
