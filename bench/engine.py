@@ -14,7 +14,6 @@ on PostgreSQL when LOOPWRIGHT_BENCH_POSTGRES (or the tests' server) is reachable
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import platform
