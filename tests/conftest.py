@@ -74,10 +74,11 @@ def database(request, home, monkeypatch) -> str:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     """Headless Chromium driven by Playwright: Debian's `chromium` (.ci/setup installs it) or the one in
-    LOOPWRIGHT_TEST_CHROMIUM; Playwright downloads no browser of its own."""
+    LOOPWRIGHT_TEST_CHROMIUM; Playwright downloads no browser of its own. Per module: Playwright's sync API
+    keeps an event loop running in this thread while it is open, which the async tests elsewhere need."""
     from playwright.sync_api import sync_playwright
 
     executable = os.environ.get("LOOPWRIGHT_TEST_CHROMIUM") or shutil.which("chromium")
