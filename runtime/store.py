@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any
@@ -419,7 +420,15 @@ def _dialect_insert(engine: sa.Engine) -> Any:
 def _sqlite_pragmas(connection: Any, _record: Any) -> None:
     cursor = connection.cursor()
     cursor.execute("PRAGMA busy_timeout=30000")
-    if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":  # setting it takes a lock and waits for none:
-        cursor.execute("PRAGMA journal_mode=WAL")  # once per database file, which keeps the mode
+    deadline = time.monotonic() + 30
+    # Once per database file, which keeps the mode. Setting it takes a lock and waits for none, so
+    # connections opening a new file together take turns here.
+    while cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
     cursor.execute("PRAGMA synchronous=NORMAL")  # WAL: a commit survives the process dying; a power cut may lose the last
     cursor.close()
