@@ -181,6 +181,41 @@ def run(file: Path, session: str | None) -> None:
 
 
 @main.command()
+@click.argument("loop")
+@click.option("--eval", "eval_file", type=click.Path(path_type=Path),
+              help="the eval set (default: the spec's file with .eval.toml, e.g. loops/NAME.eval.toml)")
+@click.option("--ledger", "show_ledger", is_flag=True, help="print every candidate of LOOP's improvements instead")
+@click.option("--json", "as_json", is_flag=True, help="with --ledger: as JSON")
+def improve(loop: str, eval_file: Path | None, show_ledger: bool, as_json: bool) -> None:
+    """Improve a loop's harness on its eval set (LOOP: its spec file); kept changes go to a branch to review.
+
+    With --ledger, LOOP may also be a loop's name. docs/improve.md explains it."""
+    from .runtime.improve import ledger, ledger_lines, start_improvement
+    from .runtime.spec import load_spec
+
+    if show_ledger:
+        name = load_spec(loop).name if loop.endswith(".toml") else loop
+        entries = ledger(_runtime().store, name)
+        if as_json:
+            click.echo(json.dumps(entries, indent=2))
+        else:
+            click.echo("\n".join(ledger_lines(entries)) or f"no improvement of loop {name} yet: "
+                                                            f"start one with `loopwright improve loops/{name}.toml`")
+        return
+    runtime = _runtime()
+    runtime.launch(take_work=False)
+    try:
+        started = start_improvement(runtime, Path(loop), eval_file)
+        click.echo(f"improvement {started.id} of loop {started.spec['name'].removesuffix('.improve')} on branch "
+                   f"{started.branch} (stop it with: loopwright stop {started.id})")
+        status = _follow(runtime, started.id)
+        runtime.wait_executed(started.id)
+    finally:
+        runtime.shutdown()
+    sys.exit(0 if status == "succeeded" else 1)
+
+
+@main.command()
 @click.argument("run_id", required=False)
 def recover(run_id: str | None) -> None:
     """Continue runs whose process died (from their last finished step) and follow them."""
@@ -282,6 +317,10 @@ class _Lines:
                 lines.append(f"  approval {data['approval']}: {data['status']}" + (f" ({data['note']})" if data["note"] else ""))
             elif kind == "stall":
                 lines.append(f"stalled, {data['stage']}: {data['reason']}")
+            elif kind in ("eval_case", "eval_baseline", "candidate"):
+                from .runtime.improve import event_line
+
+                lines.append(event_line(event))
         return lines
 
 

@@ -72,7 +72,10 @@ async def step(name: str, fn: Callable[..., Any], *args: Any) -> Any:
 @DBOS.workflow(name="loopwright.run")  # service.WORKFLOW
 async def run_workflow(run_id: str) -> dict[str, Any]:
     assert _runtime is not None, "bind_runtime() must be called before DBOS.launch()"
-    outcome = await LoopRun(_runtime, run_id).execute()
+    from .improve import IMPROVE_EVENT, ImproveRun  # a run that improves another loop (runtime/improve.py)
+
+    kind = ImproveRun if _runtime.store.event(run_id, IMPROVE_EVENT) else LoopRun
+    outcome = await kind(_runtime, run_id).execute()
     return asdict(outcome)
 
 
@@ -236,7 +239,7 @@ class LoopRun:
     def _candidate_worktrees(self, n: int) -> list[str]:
         wt = self._worktree()
         start = worktrees.head(wt)
-        return [str(worktrees.create_worktree(wt.repo, self.rt.settings.worktrees, self.spec.name, f"{self.id}-c{k}",
+        return [str(worktrees.create_worktree(wt.repo, self.rt.settings.worktrees, self.branch_loop(), f"{self.id}-c{k}",
                                               start=start).path) for k in range(1, n + 1)]
 
     def _candidate_costs(self, iteration: int, n: int) -> list[float]:
@@ -274,7 +277,7 @@ class LoopRun:
         reserve = getattr(self.rt.host.sandbox(self.spec.sandbox.kind), "reserve", None)
         if reserve is not None:  # a warm pool moves its ready sandbox's empty folder to where the worktree goes
             reserve(run_id=self.id, worktree=self.rt.settings.worktrees / self.id, spec=self.spec)
-        wt = worktrees.create_worktree(Path(self.row.repo), self.rt.settings.worktrees, self.spec.name, self.id)
+        wt = worktrees.create_worktree(Path(self.row.repo), self.rt.settings.worktrees, self.branch_loop(), self.id)
         self.store.update_run(
             self.id, worktree=str(wt.path), base_commit=wt.base_commit, branch=wt.branch, started_at=time.time()
         )
@@ -283,6 +286,10 @@ class LoopRun:
             "network": self.spec.sandbox.network, "image": self.spec.sandbox.image or "default",
         })
         return {"path": str(wt.path), "branch": wt.branch, "base_commit": wt.base_commit}
+
+    def branch_loop(self) -> str:
+        """The run's branch is loopwright/<this>/<run id>."""
+        return self.spec.name
 
     def _worktree(self) -> worktrees.Worktree:
         row = self.store.get_run(self.id)
@@ -670,6 +677,11 @@ class Turn:
     @property
     def tool_calls_left(self) -> int:
         return self.spec.agent.max_tool_calls - self.tool_calls
+
+    @property
+    def last_words(self) -> str:
+        """The first line of what the maker said last."""
+        return context.first_line(self._last_text, 200)
 
     def summary(self) -> str:
         """What the iteration did, in one short line: its tools by count, and the start of what it said last."""

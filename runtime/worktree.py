@@ -278,6 +278,12 @@ def restore_tree(wt: Worktree, commit: str) -> None:
                 os.lchown(wt.path / part, owner.st_uid, owner.st_gid)
 
 
+def move_branch(wt: Worktree, commit: str) -> None:
+    """Point the worktree's branch at ``commit``, its files left as they are: what came after is set aside."""
+    _git_wt(wt, "update-ref", f"refs/heads/{wt.branch}", commit)
+    _git_wt(wt, "read-tree", commit)
+
+
 def diff_commits(repo: Path, old: str, new: str) -> str:
     """``git diff`` between two commits of ``repo`` (no external diff or text conversion runs)."""
     return _git(Path(repo), "diff", "--no-ext-diff", "--no-textconv", old, new).stdout
