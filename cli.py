@@ -222,7 +222,7 @@ def recover(run_id: str | None) -> None:
     runtime = _runtime()
     runtime.launch()  # takes over every run whose owning process is gone
     try:
-        ours = [r.id for r in runtime.list_runs(limit=1000) if not r.finished and r.owner == runtime.owner]
+        ours = runtime.recovered
         if run_id and run_id not in ours:
             run = runtime.get_run(run_id)
             if run.finished:

@@ -141,9 +141,11 @@ class Context:
         self._engine.save_state(self.automation, state)
         self._state = dict(state)
 
-    def fire(self, key: str, *, when: datetime | None = None, details: dict[str, Any] | None = None) -> Fired:
-        """Start a run of the loop for the firing `key`, once; see the module docstring."""
-        return self._engine.fire(self.automation, key, when or clock(), details or {})
+    def fire(self, key: str, *, when: datetime | None = None, details: dict[str, Any] | None = None,
+             spec: LoopSpec | None = None) -> Fired:
+        """Start a run of the loop for the firing `key`, once; see the module docstring. `spec`: the loop's
+        spec as this firing runs it (an event's commit as the start, its text in the goal)."""
+        return self._engine.fire(self.automation, key, when or clock(), details or {}, spec)
 
 
 # --- the engine ------------------------------------------------------------------------------------
@@ -235,11 +237,13 @@ class Automations:
 
     # --- firing ----------------------------------------------------------------------------------
 
-    def fire(self, automation: Automation, key: str, when: datetime, details: dict[str, Any]) -> Fired:
+    def fire(self, automation: Automation, key: str, when: datetime, details: dict[str, Any],
+             spec: LoopSpec | None = None) -> Fired:
         with self._firing_lock:  # the scheduler's thread and webhook requests fire concurrently
-            return self._fire(automation, key, when, details)
+            return self._fire(automation, key, when, details, spec)
 
-    def _fire(self, automation: Automation, key: str, when: datetime, details: dict[str, Any]) -> Fired:
+    def _fire(self, automation: Automation, key: str, when: datetime, details: dict[str, Any],
+              spec: LoopSpec | None = None) -> Fired:
         key = f"{automation.id}:{key}"
         found = self._firing(key)
         if found and found["status"] != "pending":
@@ -256,7 +260,7 @@ class Automations:
                 ours = db.execute(_insert(self.store)(firings).values(**row).on_conflict_do_nothing(
                     index_elements=["key"]).returning(firings.c.key)).first() is not None
             if not ours:  # another process recorded this firing first: its record decides
-                return self._fire(automation, key.removeprefix(f"{automation.id}:"), when, details)
+                return self._fire(automation, key.removeprefix(f"{automation.id}:"), when, details, spec)
             if reason:
                 log.warning("automation %s skipped firing %s: %s", automation.id, key, reason)
                 return Fired("skipped", row["run_id"], reason)
@@ -266,7 +270,7 @@ class Automations:
         trigger = {"automation": automation.id, "kind": automation.kind, "firing": key,
                    "at": datetime.fromtimestamp(found["due_at"], timezone.utc).isoformat(), **details}
         try:
-            self.runtime.start_run(automation.spec, run_id=run_id, trigger=trigger)
+            self.runtime.start_run(spec or automation.spec, run_id=run_id, trigger=trigger)
         except START_ERRORS as error:
             self._set_firing(key, "failed", str(error))
             log.warning("automation %s could not start a run: %s", automation.id, error)

@@ -99,8 +99,9 @@ class LoopRun:
         self.info = RunInfo(run_id, self.spec.name, self.spec, self.row.branch, Path(self.row.worktree or "."))
 
     async def execute(self) -> Outcome:
-        # Runs on every (re)execution, so the trace and `status` name the process that owns the run now.
-        self.store.update_run(self.id, owner=self.rt.owner, status="running")
+        # Runs on every (re)execution, so the trace and `status` name the process that owns the run now (a
+        # finished run resumed for its last steps, the run-finished hooks, keeps its outcome).
+        self.store.update_run(self.id, owner=self.rt.owner, **({} if self.row.finished else {"status": "running"}))
         async with AsyncExitStack() as stack:  # what plugins open for this run closes with it
             try:
                 ws = await step("prepare_worktree", self._prepare_worktree)
@@ -250,7 +251,7 @@ class LoopRun:
     def _adopt(self, iteration: int, paths: list[str], best: int) -> None:
         """The chosen candidate's tree becomes the run's; every candidate's worktree and branch go."""
         wt = self._worktree()
-        chosen = worktrees.Worktree(wt.repo, Path(paths[best]), f"{wt.branch}-c{best + 1}", wt.base_commit)
+        chosen = replace(wt, path=Path(paths[best]), branch=f"{wt.branch}-c{best + 1}")
         commit = worktrees.commit_all(chosen, f"loopwright: candidate {best + 1} of iteration {iteration}", allow_empty=True)
         assert commit is not None
         worktrees.restore_tree(wt, commit)
@@ -277,7 +278,10 @@ class LoopRun:
         reserve = getattr(self.rt.host.sandbox(self.spec.sandbox.kind), "reserve", None)
         if reserve is not None:  # a warm pool moves its ready sandbox's empty folder to where the worktree goes
             reserve(run_id=self.id, worktree=self.rt.settings.worktrees / self.id, spec=self.spec)
-        wt = worktrees.create_worktree(Path(self.row.repo), self.rt.settings.worktrees, self.branch_loop(), self.id)
+        ws = self.spec.workspace
+        start = worktrees.resolve_ref(Path(self.row.repo), ws.ref, ws.remote, ws.fetch) if ws.ref else None
+        wt = worktrees.create_worktree(Path(self.row.repo), self.rt.settings.worktrees, self.branch_loop(), self.id,
+                                       start=start)
         self.store.update_run(
             self.id, worktree=str(wt.path), base_commit=wt.base_commit, branch=wt.branch, started_at=time.time()
         )
@@ -293,7 +297,8 @@ class LoopRun:
 
     def _worktree(self) -> worktrees.Worktree:
         row = self.store.get_run(self.id)
-        return worktrees.Worktree(Path(row.repo), Path(row.worktree), row.branch, row.base_commit)
+        return worktrees.Worktree(Path(row.repo), Path(row.worktree), row.branch, row.base_commit,
+                                  self.spec.workspace.identity)
 
     # --- verification: a clean copy in a fresh sandbox (docs/verification.md) ------------------
 
@@ -389,7 +394,7 @@ class LoopRun:
         run's worktree, or of a candidate's (`path`, its checks traced under `label`, its maker's sandbox)."""
         wt = self._worktree()
         if path is not None:
-            wt = worktrees.Worktree(wt.repo, Path(path), f"{wt.branch}-{label}", wt.base_commit)
+            wt = replace(wt, path=Path(path), branch=f"{wt.branch}-{label}")
         label = label or str(iteration)
         pointer_tampered = worktrees.pointer_tampered(wt)
         base = worktrees.tree_of(wt, wt.base_commit)

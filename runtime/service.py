@@ -98,6 +98,7 @@ class Runtime:
         self._launch_error: BaseException | None = None
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{process_start_time(os.getpid())}"
         self.launched = False
+        self.recovered: list[str] = []  # runs of dead processes this one took over when it launched
         self.takes_work = False  # executes queued runs (a daemon, a worker), not only its own
         self._beating = threading.Event()  # set: this process no longer beats (see _beat)
         self._client: Any = None
@@ -150,7 +151,7 @@ class Runtime:
             if removed:
                 log.warning("removed sandboxes left by dead processes: %s", ", ".join(removed))
         if take_work:
-            self.recover_orphaned_runs()
+            self.recovered = self.recover_orphaned_runs()
 
     def launch_in_background(self, *, take_work: bool = True) -> None:
         """`launch()` in a thread, so that an MCP server answers its client meanwhile. Whatever needs the
@@ -191,8 +192,12 @@ class Runtime:
         from dbos import DBOS
 
         taken = []
+        # A run is marked finished before its last steps (the run-finished hooks: notifications, GitHub):
+        # a finished run whose workflow is still pending died among them, and they are owed.
+        pending = {w.workflow_id for w in DBOS.list_workflows(status="PENDING", load_input=False, load_output=False)}
         for run in self.store.list_runs(limit=1000):
-            if run.finished or not run.owner or run.owner == self.owner or self.owner_alive(run.owner):
+            if (run.finished and run.id not in pending) or not run.owner or run.owner == self.owner \
+                    or self.owner_alive(run.owner):
                 continue
             if DBOS.get_workflow_status(run.id) is None:
                 self._start_workflow(run.id)  # the process died before the workflow was recorded

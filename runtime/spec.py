@@ -56,6 +56,18 @@ class _Section(BaseModel):
 
 class Workspace(_Section):
     repo: str = "."
+    ref: str | None = None  # start from this commit, branch or tag instead of HEAD (a pull request's head)
+    remote: str | None = None  # where to fetch `ref` from when the repository lacks it
+    fetch: str | None = None  # what to fetch from `remote` (default: `ref`), e.g. "refs/pull/7/head"
+    author: str | None = Field(None, pattern=r"^[^<>\n]+ <[^<>\s]+>$")  # "Name <email>" of the run's commits
+
+    @property
+    def identity(self) -> tuple[str, str] | None:
+        """The run's commits' author, the loop's identity (default: Loopwright's)."""
+        if not self.author:
+            return None
+        name, email = self.author.rsplit(" <", 1)
+        return name.strip(), email.rstrip(">")
 
 
 class SandboxSpec(_Section):
@@ -258,6 +270,33 @@ class TriggerSpec(BaseModel):
     max_cost_usd_per_day: Float | None = Field(None, ge=0)  # spend of today's runs it started
 
 
+class GitHubSpec(_Section):
+    """What a run sends to GitHub when it ends (docs/github.md). The token is read by the process that
+    executes the run, from `token_env` or `token_file`; it never enters the sandbox, the trace or a log."""
+
+    repo: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # owner/name; default: the remote's
+    remote: str = Field("origin", min_length=1)  # the git remote the run's branch is pushed to
+    token_env: str = Field("GITHUB_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    token_file: str | None = None  # a file holding the token, instead of the environment
+    push: bool = True  # push the run's branch as loopwright/<loop> (or loopwright/<loop>/<pr-or-issue>-<number>)
+    pull_request: bool = True  # open a pull request from it, or update the one open
+    base: str | None = None  # the pull request's base branch (default: the repository's default branch)
+    comment: bool = True  # comment on the pull request or issue whose event started the run
+    comment_file: str | None = None  # a file of the run's final tree that is the comment (a review), above the summary
+    status: bool = True  # set a commit status on the head commit of the event that started the run
+    on: list[Literal["succeeded", "failed", "stalled", "stopped", "error"]] = ["succeeded"]  # what pushes and opens
+
+
+class NotifySpec(_Section):
+    """Tell people when a run ends (docs/automations.md): a Slack-compatible incoming webhook, or any URL
+    that takes JSON. The URL is a secret, so the spec names the environment variable that holds it."""
+
+    kind: Literal["slack", "webhook"]
+    url_env: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    on: list[Literal["succeeded", "failed", "stalled", "stopped", "error"]] = \
+        ["succeeded", "failed", "stalled", "stopped", "error"]
+
+
 class LoopSpec(_Section):
     name: str = Field(pattern=NAME_PATTERN)
     goal: str = Field(min_length=1)
@@ -275,6 +314,8 @@ class LoopSpec(_Section):
     memory: MemorySpec = MemorySpec()
     mcp_servers: list[McpServerSpec] = []
     http: HttpSpec = HttpSpec()
+    github: GitHubSpec | None = None
+    notify: list[NotifySpec] = []
 
     def approval_rule(self, tool: str, arguments: dict[str, Any]) -> ApprovalRule | None:
         return next((rule for rule in self.approval if rule.matches(tool, arguments)), None)

@@ -44,6 +44,7 @@ class Worktree:
     path: Path
     branch: str
     base_commit: str
+    identity: tuple[str, str] | None = None  # (name, email) its commits carry; default Loopwright's
 
     @property
     def git_dir(self) -> Path:
@@ -246,8 +247,8 @@ def commit_all(wt: Worktree, message: str, allow_empty: bool = False) -> str | N
             return None
         if _git_wt(wt, "log", "-1", "--format=%B", head).stdout.decode().strip() == message.strip():
             return head
-    identity = {"GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
-                "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL}
+    name, email = wt.identity or (AUTHOR_NAME, AUTHOR_EMAIL)
+    identity = {"GIT_AUTHOR_NAME": name, "GIT_AUTHOR_EMAIL": email, "GIT_COMMITTER_NAME": name, "GIT_COMMITTER_EMAIL": email}
     sha = _git_wt(wt, "commit-tree", tree, "-p", head, "-m", message, env=identity).stdout.decode().strip()
     _git_wt(wt, "update-ref", f"refs/heads/{wt.branch}", sha, head)
     _git_wt(wt, "read-tree", sha)  # the worktree's index follows, so `git status` there shows a clean tree
@@ -276,6 +277,22 @@ def restore_tree(wt: Worktree, commit: str) -> None:
             relative = PurePosixPath(path)
             for part in [relative, *relative.parents][:-1]:  # the file and its folders, not the worktree
                 os.lchown(wt.path / part, owner.st_uid, owner.st_gid)
+
+
+def resolve_ref(repo: Path, ref: str, remote: str | None = None, fetch: str | None = None) -> str:
+    """The commit ``ref`` names in ``repo``; when the repository lacks it, fetched from ``remote`` first
+    (``fetch``: what to fetch there, e.g. a pull request's ``refs/pull/7/head``; default ``ref`` itself)."""
+    def commit_of(name: str) -> str:
+        return _git(repo, "rev-parse", "--verify", "--quiet", f"{name}^{{commit}}", check=False).stdout.strip()
+
+    found = commit_of(ref)
+    if not found and remote:
+        _git(repo, "fetch", "-q", "--no-tags", remote, fetch or ref)
+        found = commit_of(ref) or commit_of("FETCH_HEAD")
+    if not found:
+        raise WorktreeError(f"workspace.ref {ref!r} is no commit of {repo}" + ("" if remote else
+                            "; give workspace.remote to fetch it from"))
+    return found
 
 
 def move_branch(wt: Worktree, commit: str) -> None:
