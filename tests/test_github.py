@@ -159,3 +159,22 @@ def test_an_issue_comment_with_the_command_starts_a_run_that_answers_on_the_issu
     assert answer["body"].startswith('"""A tiny module') and "sum(numbers) / len(numbers)" in answer["body"]  # comment_file leads
     assert [r.id for r in runs_of("helper")] == [run.id]
     assert TOKEN not in daemon.output()
+
+
+def test_when_github_refuses_the_errors_are_logged_without_the_token(home, project, model, serve, github, monkeypatch):
+    remote, head, server = github
+    server.token = "a-token-github-would-accept"  # the loop's token is refused: 401 Bad credentials
+    git(project, "fetch", "-q", str(remote), "refs/pull/7/head")  # the head is here: nothing to fetch
+    git(project, "remote", "set-url", "origin", "https://127.0.0.1:9/acme/calc.git")  # an https remote nobody answers
+    model(looks_and_fixes)
+    daemon = serve(add_loop(project, "review", "Fix the failing test.", {"events": ["pull_request.opened"]}))
+    accepted = deliver(hook_url(daemon, "review", "github"), "pull_request", pull_request("opened", head))
+    assert accepted.status_code == 202, accepted.text
+    run = finished(accepted.json()["run_id"])
+    assert run.status == "succeeded", run.reason
+
+    until(lambda: "Bad credentials" in daemon.output(), what="the refused comment to be logged")
+    logged = daemon.output()
+    assert "git push to origin failed" in logged and "answered 401" in logged and TOKEN not in logged
+    assert TOKEN not in loopwright("trace", run.id, "--json").stdout
+    assert not server.comments and not server.statuses
