@@ -199,3 +199,35 @@ def test_an_eval_set_without_held_out_cases_is_refused_by_name(home, tmp_path, s
     assert result.returncode == 2
     assert "needs cases to learn from and held-out cases" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_an_improvement_killed_while_its_cases_run_recovers_and_ends_the_same(home, tmp_path, model, sandbox_image):
+    from conftest import LOOPWRIGHT, wait_for
+
+    repo = loop_repo(tmp_path, eval_set(tmp_path, learn=2, held=1, max_cost_usd=1.0, max_candidates=2, batch=1))
+    head = git(repo, "rev-parse", "HEAD")
+    model(scripted([skill("mean", FACT)]))
+    process = subprocess.Popen([*LOOPWRIGHT, "improve", str(repo / "loops" / "mean.toml")], stdout=subprocess.PIPE,
+                               text=True)
+    improvement = process.stdout.readline().split()[1]
+    wait_for(lambda: _case_runs(home, improvement) >= 2,
+             "the baseline's case runs to be under way", timeout=120)
+    process.kill()
+    process.wait()
+
+    recovered = loopwright("recover", timeout=600)  # exit 1: the baseline's case runs failed, as they should
+    assert f"recovering run {improvement}\n" in recovered.stdout, recovered.stdout + recovered.stderr
+    entry = ledger_of(repo)
+    assert entry["run"] == improvement and entry["status"] == "succeeded", entry["reason"]
+    assert (entry["baseline"]["learn"]["passed"], entry["baseline"]["held_out"]["passed"]) == (0, 0)
+    [kept] = entry["candidates"]
+    assert kept["decision"] == "kept" and (kept["learn"]["passed"], kept["held_out"]["passed"]) == (2, 1)
+    assert git(repo, "rev-list", f"{head}..{entry['branch']}").split() == [kept["commit"]]
+    case_runs = [r for r in json.loads(loopwright("runs", "--json").stdout) if r["loop"] == "mean.eval"]
+    assert len(case_runs) == 3 + 3 and all(r["status"] in ("succeeded", "failed") for r in case_runs)  # each case once
+
+
+def _case_runs(home: Path, improvement: str) -> int:
+    from loopwright.runtime.service import Runtime
+
+    return len([r for r in Runtime(read_only=True).list_runs("mean.eval") if r.id.startswith(improvement)])
