@@ -275,7 +275,6 @@ class ImproveRun(LoopRun):
     async def _iterate(self) -> Outcome:
         evals, repeats = self.evals, self.evals.improve.repeats
         learn, held = {c.name for c in evals.learn}, {c.name for c in evals.held_out}
-        first = {c.name for c in evals.learn[:evals.batch]}
         self.case_repos = await step("case_repos", self._case_repos)
         base_commit = self.store.get_run(self.id).base_commit
         best = await self._measure("base", base_commit, evals.case)
@@ -296,37 +295,12 @@ class ImproveRun(LoopRun):
             change = turn.last_words or turn.summary()
             proposed = await step(f"propose:{iteration}", self._propose, iteration, change)
             entry: dict[str, Any] = {"candidate": iteration, "change": change, **proposed}
-            results: list[dict[str, Any]] = []
-            decision, reason = "discarded", proposed.get("problem", "")
-            if not reason:
-                results = await self._measure(f"{iteration}b", proposed["commit"], evals.learn[:evals.batch])
-                entry["batch"] = score(results)
-                if worse(entry["batch"], score(of_cases(best, first)), margin):
-                    reason = (f"worse on the first {len(first)} learn cases: {describe(entry['batch'])} "
-                              f"(was {describe(score(of_cases(best, first)))})")
-            if not reason:
-                results += await self._measure(str(iteration), proposed["commit"], evals.learn[evals.batch:])
-                entry["learn"] = score(results)
-                won = gain(entry["learn"], score(of_cases(best, learn)), margin)
-                if won is None:
-                    reason = (f"no better on the learn cases: {describe(entry['learn'])} "
-                              f"(was {describe(score(of_cases(best, learn)))})")
-            if not reason:
-                results += await self._measure(f"{iteration}h", proposed["commit"], evals.held_out)
-                entry["held_out"] = score(of_cases(results, held))
-                before = score(of_cases(best, held))
-                if gain(entry["held_out"], before, margin) or entry["held_out"]["rate"] == before["rate"] == 1.0:
-                    decision, reason = "kept", (f"better {won}: learn {describe(score(of_cases(best, learn)))} -> "
-                                                f"{describe(entry['learn'])}; held-out {describe(before)} -> "
-                                                f"{describe(entry['held_out'])}")
-                else:
-                    reason = (f"the held-out cases did not confirm it: {describe(entry['held_out'])} "
-                              f"(was {describe(before)})")
+            entry |= await self._judge(iteration, proposed, best, margin)
             spent = self.store.totals(self.id, iteration).cost_usd - self.store.totals(self.id, iteration - 1).cost_usd
-            entry.update(decision=decision, reason=reason, results=results, cost_usd=round(spent, 6))
-            if decision == "kept":
+            entry["cost_usd"] = round(spent, 6)
+            if entry["decision"] == "kept":
                 entry["commit"] = await step(f"keep:{iteration}", self._keep, iteration, entry)
-                best, kept = results, kept + 1
+                best, kept = entry["results"], kept + 1
             else:
                 await step(f"set_aside:{iteration}", self._set_aside, self._best_commit())
             self._event(f"{iteration}.candidate", "candidate", iteration, entry)
@@ -334,6 +308,37 @@ class ImproveRun(LoopRun):
         if kept:
             return Outcome("succeeded", f"kept {kept} change(s) on the branch: {summary}", self.info.iteration)
         return Outcome("failed", f"no change did better than the harness as it was: {summary}", self.info.iteration)
+
+    async def _judge(self, iteration: int, proposed: dict[str, Any], best: list[dict[str, Any]],
+                     margin: dict[str, float]) -> dict[str, Any]:
+        """Measure a proposed change as the ratchet wants it: a small batch of learn cases first, then the
+        rest, then the held-out cases; stop at the first that says no. Its decision, reason, figures, results."""
+        evals = self.evals
+        learn, held = {c.name for c in evals.learn}, {c.name for c in evals.held_out}
+        first = {c.name for c in evals.learn[:evals.batch]}
+        found: dict[str, Any] = {"decision": "discarded", "reason": proposed.get("problem", ""), "results": []}
+        if found["reason"]:
+            return found
+        results = found["results"] = await self._measure(f"{iteration}b", proposed["commit"], evals.learn[:evals.batch])
+        found["batch"], before = score(results), score(of_cases(best, first))
+        if worse(found["batch"], before, margin):
+            found["reason"] = f"worse on the first {len(first)} learn cases: {describe(found['batch'])} (was {describe(before)})"
+            return found
+        results += await self._measure(str(iteration), proposed["commit"], evals.learn[evals.batch:])
+        found["learn"], before_learn = score(results), score(of_cases(best, learn))
+        won = gain(found["learn"], before_learn, margin)
+        if won is None:
+            found["reason"] = f"no better on the learn cases: {describe(found['learn'])} (was {describe(before_learn)})"
+            return found
+        results += await self._measure(f"{iteration}h", proposed["commit"], evals.held_out)
+        found["held_out"], before = score(of_cases(results, held)), score(of_cases(best, held))
+        if gain(found["held_out"], before, margin) or found["held_out"]["rate"] == before["rate"] == 1.0:
+            found["decision"] = "kept"
+            found["reason"] = (f"better {won}: learn {describe(before_learn)} -> {describe(found['learn'])}; "
+                               f"held-out {describe(before)} -> {describe(found['held_out'])}")
+        else:
+            found["reason"] = f"the held-out cases did not confirm it: {describe(found['held_out'])} (was {describe(before)})"
+        return found
 
     def _summary(self) -> str:
         events = self.store.all_events(self.id)
