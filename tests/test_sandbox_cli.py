@@ -41,7 +41,8 @@ def test_sigterm_to_loopwright_run_removes_its_sandboxes(home, project, model):
 
 @pytest.mark.anyio
 async def test_a_process_serving_loops_gives_its_next_run_a_warm_sandbox(home, project, model):
-    model([text("looked"), tool_use("run_command", {"command": "sleep 3"}), text("done")])
+    # The first run takes a few seconds (its tool call sleeps): time for the pool to warm the next sandbox.
+    model([tool_use("run_command", {"command": "sleep 5"}), text("looked"), text("done")])
     loops = project / "loops"
     loops.mkdir()
     write_spec(project, stop={"max_iterations": 1}).rename(loops / "fix.toml")
