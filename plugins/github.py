@@ -149,7 +149,7 @@ def fields(event: str, payload: dict[str, Any], delivery: str) -> dict[str, Any]
         "title": str(subject.get("title") or run.get("name") or "")[:300],
         "body": str(subject.get("body") or "")[:TEXT_LIMIT],
         "url": subject.get("html_url") or run.get("html_url") or "",
-        "head_ref": head.get("ref") or run.get("head_branch") or "",
+        "head_ref": head.get("ref") or run.get("head_branch") or (run.get("check_suite") or {}).get("head_branch") or "",
         "head_sha": head.get("sha") or run.get("head_sha") or "",
         "comment": str((payload.get("comment") or {}).get("body") or "")[:TEXT_LIMIT],
         "label": (payload.get("label") or {}).get("name", ""),

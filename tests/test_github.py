@@ -178,3 +178,39 @@ def test_when_github_refuses_the_errors_are_logged_without_the_token(home, proje
     assert "git push to origin failed" in logged and "answered 401" in logged and TOKEN not in logged
     assert TOKEN not in loopwright("trace", run.id, "--json").stdout
     assert not server.comments and not server.statuses
+
+
+def test_a_failed_check_run_starts_a_run_on_its_commit_and_only_listed_labels_start_runs(
+        home, project, model, serve, github):
+    remote, head, server = github
+    git(remote, "update-ref", "refs/heads/average", head)  # the pull request's branch, whose CI failed
+    model(looks_and_fixes)
+    daemon = serve(add_loop(project, "fix-ci", "CI failed on {{ event.head_ref }}: {{ event.title }}.",
+                            {"events": ["check_run.completed", "issues.labeled"], "labels": ["loopwright"]},
+                            base="{{ event.head_ref }}"))
+    url = hook_url(daemon, "fix-ci", "github")
+
+    def check_run(conclusion: str) -> dict:
+        return {"action": "completed", "repository": {"full_name": "acme/calc"},
+                "check_run": {"name": "tests", "conclusion": conclusion, "head_sha": head,
+                              "check_suite": {"head_branch": "average"}, "pull_requests": [{"number": 7}]}}
+
+    def labeled(label: str) -> dict:
+        return {"action": "labeled", "repository": {"full_name": "acme/calc"}, "label": {"name": label},
+                "issue": {"number": 12, "title": "mean() is off", "body": "Off by one."}}
+
+    passed = deliver(url, "check_run", check_run("success"))
+    assert passed.status_code == 200 and "did not fail" in passed.json()["ignored"]
+    other = deliver(url, "issues", labeled("question"))
+    assert other.status_code == 200 and "loopwright" in other.json()["ignored"]
+    failed = deliver(url, "check_run", check_run("failure"))
+    assert failed.status_code == 202, failed.text
+
+    run = finished(failed.json()["run_id"])
+    assert run.status == "succeeded", run.reason
+    assert run.spec["goal"] == "CI failed on average: tests."
+    assert git(project, "show", f"{run.branch}:contributed.txt") == "from the pull request"  # on the failed commit
+    until(lambda: server.pulls, what="the fix's pull request")
+    assert server.pulls[0]["base"] == "average" and server.pulls[0]["head"] == "loopwright/fix-ci/pr-7"
+    assert server.statuses[0]["sha"] == head and server.statuses[0]["state"] == "success"
+    assert [r.id for r in runs_of("fix-ci")] == [run.id]
