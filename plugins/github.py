@@ -19,6 +19,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.types import WebhookRequest, WebhookResponse
@@ -244,7 +245,8 @@ class Publisher:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_TERMINAL_PROMPT": "0"}
         url = subprocess.run(["git", "-C", repo, "remote", "get-url", "--push", self.config.remote],
                              capture_output=True, text=True, env=env).stdout.strip()
-        if url.startswith("https://"):  # the loop's token only: in git's environment, never on a command line
+        if url.startswith("https://") and urlsplit(url).hostname in self._github_hosts():
+            # The loop's token only, and only to GitHub: in git's environment, never on a command line.
             basic = base64.b64encode(f"x-access-token:{self.token}".encode()).decode()
             env |= {"GIT_CONFIG_COUNT": "2", "GIT_CONFIG_KEY_0": "credential.helper", "GIT_CONFIG_VALUE_0": "",
                     "GIT_CONFIG_KEY_1": f"http.{url}.extraheader", "GIT_CONFIG_VALUE_1": f"Authorization: Basic {basic}"}
@@ -254,6 +256,11 @@ class Publisher:
         if pushed.returncode != 0:
             raise RuntimeError(f"git push to {self.config.remote} failed: {self._safe(pushed.stderr.strip())}")
         return {"pushed": self.branch, "commit": commit, "remote": self.config.remote}
+
+    def _github_hosts(self) -> set[str]:
+        """Where the token may go with a push: github.com, or the GitHub Enterprise host the API is on."""
+        api = urlsplit(self.api).hostname
+        return {"github.com"} | ({api} if api and api != "api.github.com" else set())
 
     def _pull_request(self) -> dict[str, Any]:
         owner = self.repo.split("/")[0]

@@ -275,7 +275,7 @@ class GitHubSpec(_Section):
     executes the run, from `token_env` or `token_file`; it never enters the sandbox, the trace or a log."""
 
     repo: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")  # owner/name; default: the remote's
-    remote: str = Field("origin", min_length=1)  # the git remote the run's branch is pushed to
+    remote: str = Field("origin", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # the name of the git remote pushed to
     token_env: str = Field("GITHUB_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     token_file: str | None = None  # a file holding the token, instead of the environment
     push: bool = True  # push the run's branch as loopwright/<loop> (or loopwright/<loop>/<pr-or-issue>-<number>)
