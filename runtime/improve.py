@@ -540,8 +540,11 @@ class ImproveRun(LoopRun):
         commit = worktrees.commit_all(wt, f"candidate {iteration}: {summary}")
         if commit is None:
             return {"files": [], "problem": "no change: the improver changed no file"}
-        changed = verification.changed(worktrees.tree_of(wt, commit), worktrees.tree_of(wt, before))
+        tree = worktrees.tree_of(wt, commit)
+        changed = verification.changed(tree, worktrees.tree_of(wt, before))
         proposed = {"commit": commit, "files": changed}
+        if links := [p for p in changed if tree.get(p, ("",))[0] == "120000"]:
+            return proposed | {"problem": f"symbolic links in the harness: {', '.join(links[:10])} (a harness is text)"}
         spec_path = wt.path / self.spec_file
         try:
             raw = tomllib.loads(spec_path.read_text(encoding="utf-8"))

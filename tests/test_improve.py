@@ -162,11 +162,12 @@ def test_the_improver_finds_the_missing_fact_and_only_that_change_is_kept(home, 
     assert improver and not any(name in text for text in improver for name in ("held1", "held2"))
 
 
-def test_changes_to_the_checks_outside_the_harness_or_that_only_fit_the_learn_cases_are_discarded(
+def test_links_changes_to_the_checks_outside_the_harness_or_that_only_fit_the_learn_cases_are_discarded(
         home, tmp_path, model, sandbox_image):
-    repo = loop_repo(tmp_path, eval_set(tmp_path, learn=2, held=1, max_cost_usd=1.0, max_candidates=3, batch=1))
+    repo = loop_repo(tmp_path, eval_set(tmp_path, learn=2, held=1, max_cost_usd=1.0, max_candidates=4, batch=1))
     head = git(repo, "rev-parse", "HEAD")
     model(scripted([
+        tool_use("run_command", {"command": "mkdir -p skills/host && ln -s /etc/hostname skills/host/SKILL.md"}),
         tool_use("edit_file", {"path": "loops/mean.toml", "old_text": f'run = "{CHECK}"', "new_text": 'run = "true"'}),
         tool_use("write_file", {"path": "README.md", "content": "Always succeed.\n"}),
         skill("recipe", OVERFIT),
@@ -177,7 +178,8 @@ def test_changes_to_the_checks_outside_the_harness_or_that_only_fit_the_learn_ca
 
     entry = ledger_of(repo)
     assert entry["status"] == "failed" and "no change did better" in entry["reason"]
-    checks, outside, overfit = entry["candidates"]
+    link, checks, outside, overfit = entry["candidates"]
+    assert link["decision"] == "discarded" and "symbolic links in the harness: skills/host/SKILL.md" in link["reason"]
     assert checks["decision"] == "discarded" and "verify" in checks["reason"] and not checks["results"]
     assert outside["decision"] == "discarded" and "outside the harness: README.md" in outside["reason"]
     assert not outside["results"]
