@@ -92,7 +92,7 @@ def main() -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
-    """Check loop specs without running them; report every problem."""
+    """Check loop specs (and eval sets, NAME.eval.toml) without running them; report every problem."""
     from .runtime.config import load_settings
     from .runtime.plugin_host import make_plugin_host
     from .runtime.spec import SpecError, load_spec
@@ -101,6 +101,12 @@ def validate(files: tuple[Path, ...]) -> None:
     bad = 0
     for file in files:
         try:
+            if file.name.endswith(".eval.toml"):
+                from .runtime.improve import load_eval_set
+
+                evals = load_eval_set(file)
+                click.echo(f"{file}: ok (eval set: {len(evals.learn)} learn, {len(evals.held_out)} held-out cases)")
+                continue
             spec = load_spec(file)
             problems = _plugin_problems(host, spec)
             if problems:

@@ -17,7 +17,7 @@ from mcp.server.mcpserver.exceptions import ToolError
 from loopwright.runtime.config import ConfigError
 from loopwright.runtime.plugin_host import PluginError
 from loopwright.runtime.service import RunError, Runtime
-from loopwright.runtime.spec import Float, Int, SpecError, load_spec, parse_spec, parse_spec_text
+from loopwright.runtime.spec import Float, Int, SpecError, load_spec, loop_files, parse_spec, parse_spec_text
 from loopwright.runtime.records import UnknownRun
 from loopwright.runtime.types import STALL_TOOL
 
@@ -90,12 +90,12 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
     resources.install(mcp)
 
     def loop_file(name: str) -> Path:
-        if not name or name.startswith(".") or Path(name).name != name or "\x00" in name:
+        if not name or name.startswith(".") or Path(name).name != name or "\x00" in name or name.endswith(".eval"):
             raise ToolError(f"{name[:100]!r} is not a loop name: give the name of a loop from list_loops "
                             "(a file name in the loops folder, without .toml)")
         path = loops_dir / f"{name}.toml"
         if not path.is_file():
-            known = ", ".join(sorted(p.stem for p in loops_dir.glob("*.toml"))) or "none"
+            known = ", ".join(p.stem for p in loop_files(loops_dir)) or "none"
             raise ToolError(f"no loop named {name!r} in {loops_dir}; defined loops: {known}. Or pass an inline spec.")
         return path
 
@@ -103,7 +103,7 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
     async def list_loops() -> dict[str, Any]:
         """The loops defined in the project's loops folder, with their goals and triggers."""
         loops = []
-        for path in sorted(loops_dir.glob("*.toml")):
+        for path in loop_files(loops_dir):
             try:
                 spec = load_spec(path)
             except SpecError as error:
@@ -226,6 +226,28 @@ def build_server(runtime: Runtime, loops_dir: Path) -> MCPServer:
         with _as_tool_errors():
             decided = await anyio.to_thread.run_sync(runtime.decide_approval, approval_id, allow, note)
             return {"approval_id": decided["id"], "status": decided["status"], "note": decided["note"]}
+
+    @mcp.tool()
+    async def improve_loop(loop: str) -> dict[str, Any]:
+        """Start an improvement of a loop from list_loops (docs/improve.md): an improver changes its harness one
+        proposal at a time, each measured on the loop's eval set (loops/<loop>.eval.toml) and kept only when the
+        loop does better and the held-out cases agree; kept changes are commits on the returned branch, for a
+        person to review. Returns its run id at once; follow it with get_run, read the ledger with get_ledger."""
+        from loopwright.runtime.improve import start_improvement
+
+        with _as_tool_errors():
+            run = await anyio.to_thread.run_sync(lambda: start_improvement(runtime, loop_file(loop), here=False))
+            executed_by = await anyio.to_thread.run_sync(runtime.ensure_executor)
+            return {"run_id": run.id, "loop": loop, "branch": run.branch, "status": run.status,
+                    "executed_by": executed_by}
+
+    @mcp.tool()
+    async def get_ledger(loop: str) -> dict[str, Any]:
+        """Every improvement of a loop, newest first: its branch, spend, baseline, and each candidate change with
+        its learn and held-out scores, cost, and whether it was kept and why."""
+        from loopwright.runtime.improve import ledger
+
+        return {"loop": loop, "improvements": await anyio.to_thread.run_sync(ledger, runtime.store, loop)}
 
     return mcp
 

@@ -35,7 +35,7 @@ import sqlalchemy as sa
 from .config import ConfigError
 from .plugin_host import PluginError, PluginHost
 from .service import RunError, Runtime
-from .spec import LoopSpec, SpecError, load_spec
+from .spec import LoopSpec, SpecError, load_spec, loop_files
 from .store import Store, automations as automations_table, firings, runs
 from .trigger_specs import Automation, AutomationError, build_automation
 from .types import Outcome, RunInfo, WebhookRequest
@@ -106,10 +106,6 @@ def _defines(file: Path, automation_id: str) -> bool | None:
     except SpecError:
         return None
     return automation_id in {f"{spec.name}/{name}" for name in spec.trigger_names()}
-
-
-def _spec_files(folder: Path) -> list[Path]:
-    return sorted(folder.glob("*.toml")) if folder.is_dir() else []
 
 
 # --- the trigger's view ----------------------------------------------------------------------------
@@ -287,9 +283,9 @@ class Automations:
         self.pause_on_quota_error(run.id, outcome)
         with self.store.engine.connect() as db:  # the loops that daemons serve, then the run's project
             files = [Path(f) for f in db.execute(sa.select(automations_table.c.file).distinct()).scalars() if f]
-        files += _spec_files(Path(run.spec.workspace.repo) / "loops")
+        files += loop_files(Path(run.spec.workspace.repo) / "loops")
         if os.environ.get("LOOPWRIGHT_LOOPS"):
-            files += _spec_files(Path(os.environ["LOOPWRIGHT_LOOPS"]))
+            files += loop_files(Path(os.environ["LOOPWRIGHT_LOOPS"]))
         unique = list(dict.fromkeys(p.resolve() for p in files if p.is_file()))
         found, _ = load_automations(self.runtime.host, unique)
         for automation in found:
@@ -317,7 +313,7 @@ class Automations:
 
     def load_folder(self, folder: Path) -> list[str]:
         """(Re)build the triggers of the loop specs in `folder`; returns the problems found."""
-        found, problems = load_automations(self.runtime.host, _spec_files(folder))
+        found, problems = load_automations(self.runtime.host, loop_files(folder))
         for automation in found:
             self.register(automation)
         self.loaded = {a.id: a for a in found}
@@ -395,7 +391,7 @@ class _Folder:
 
     def changed(self) -> bool:
         now = []
-        for path in _spec_files(self.path):
+        for path in loop_files(self.path):
             try:
                 stat = path.stat()
             except FileNotFoundError:  # removed since the listing: the next look sees it gone

@@ -147,8 +147,9 @@ def eval_name(loop: str) -> str:
     return f"{loop[:58]}.eval"
 
 
-def start_improvement(runtime: Runtime, spec_file: Path, eval_file: Path | None = None) -> Run:
-    """Check the loop and its eval set, then create the improvement and execute it in this process."""
+def start_improvement(runtime: Runtime, spec_file: Path, eval_file: Path | None = None, *, here: bool = True) -> Run:
+    """Check the loop and its eval set, then create the improvement and execute it: in this process, or
+    (`here=False`) queued for the daemon or a worker, like any run."""
     from .service import RunError
 
     spec = load_spec(spec_file)
@@ -161,7 +162,7 @@ def start_improvement(runtime: Runtime, spec_file: Path, eval_file: Path | None 
                        "branch of that repository, so it must be there") from None
     if _git(repo, "cat-file", "-e", f"HEAD:{relative.as_posix()}", check=False).returncode:
         raise RunError(f"commit {relative.as_posix()} first: the improvement's branch starts from the repository's HEAD")
-    runtime.preflight(spec)  # the loop itself can run (its maker, checks and sandbox)
+    runtime.preflight(spec, here=here)  # the loop itself can run (its maker, checks and sandbox)
     settings = evals.improve
     improver = LoopSpec.model_validate({
         "name": improve_name(spec.name),
@@ -177,7 +178,8 @@ def start_improvement(runtime: Runtime, spec_file: Path, eval_file: Path | None 
                  "max_wall_time": settings.max_wall_time},
         "memory": {"notes": False},
     })
-    runtime.host.agent("anthropic")(improver.agent, runtime.settings).check()
+    if here:  # a queued improvement is checked by the process that executes it (it may hold a key this one lacks)
+        runtime.host.agent("anthropic")(improver.agent, runtime.settings).check()
     runtime.settings.price(settings.model)
     runtime.wait_launched()
     run_id = new_run_id()
@@ -187,8 +189,7 @@ def start_improvement(runtime: Runtime, spec_file: Path, eval_file: Path | None 
         "loop": spec.name, "spec_file": relative.as_posix(), "eval": evals.model_dump(mode="json"),
         "loop_spec": spec.model_dump(mode="json"),
     })
-    runtime.store.update_run(run_id, owner=runtime.owner)
-    runtime._start_workflow(run_id)
+    runtime.execute(run_id, here=here)
     return run
 
 

@@ -244,6 +244,11 @@ class Runtime:
             self.store.add_event(run_id, "trigger", "triggered", 0, trigger)
         if replay is not None:
             self.store.add_event(run_id, "replay", "replay", 0, replay)
+        self.execute(run_id, here=here)
+        return run
+
+    def execute(self, run_id: str, *, here: bool) -> None:
+        """Execute a created run: in this process, or queued for the first process that executes runs."""
         if here:
             self.store.update_run(run_id, owner=self.owner)
             self._start_workflow(run_id)
@@ -252,7 +257,6 @@ class Runtime:
                 {"queue_name": RUN_QUEUE, "workflow_name": WORKFLOW, "workflow_id": run_id, "app_version": VERSION},
                 run_id,
             )
-        return run
 
     def ensure_executor(self) -> str:
         """Make sure a process executes queued runs: this one, the daemon, a worker, or else a new worker,

@@ -411,6 +411,14 @@ def parse_spec_text(text: str, source: str = "<inline spec>") -> LoopSpec:
     return parse_spec(data, source)
 
 
+def loop_files(folder: Path) -> list[Path]:
+    """The loop specs in a folder such as `loops/`: its .toml files, not the eval sets beside them
+    (`<loop>.eval.toml`, docs/improve.md)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.glob("*.toml") if not p.name.endswith(".eval.toml"))
+
+
 def load_spec(path: str | Path) -> LoopSpec:
     """Read and validate `loops/NAME.toml`. A relative `workspace.repo` is relative to the file; without
     one, the repository is the git repository the file is in (so `loops/NAME.toml` needs no `repo = ".."`)."""

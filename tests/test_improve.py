@@ -9,6 +9,8 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from conftest import git_repository, loopwright
 from model_server import text, tool_use
 from test_budgets import billed
@@ -233,3 +235,25 @@ def _case_runs(home: Path, improvement: str) -> int:
     from loopwright.runtime.service import Runtime
 
     return len([r for r in Runtime(read_only=True).list_runs("mean.eval") if r.id.startswith(improvement)])
+
+
+@pytest.mark.anyio
+async def test_an_mcp_client_starts_an_improvement_and_reads_its_ledger(home, tmp_path, model, sandbox_image):
+    from mcp import Client
+
+    from test_mcp_stdio import call, server_params, until_finished
+
+    repo = loop_repo(tmp_path, eval_set(tmp_path, learn=2, held=1, max_cost_usd=1.0, max_candidates=2, batch=1))
+    model(scripted([skill("mean", FACT)]))
+    checked = loopwright("validate", str(repo / "loops" / "mean.toml"), str(repo / "loops" / "mean.eval.toml"))
+    assert checked.returncode == 0 and "ok (eval set: 2 learn, 1 held-out cases)" in checked.stdout, checked.stderr
+    async with Client(server_params(repo / "loops")) as client:
+        listed = await call(client, "list_loops")
+        assert [loop["name"] for loop in listed["loops"]] == ["mean"]  # the eval set beside it is no loop
+        started = await call(client, "improve_loop", loop="mean")
+        assert started["branch"] == f"loopwright/improve/mean/{started['run_id']}"
+        finished = await until_finished(client, started["run_id"], timeout=300)
+        assert finished["status"] == "succeeded", finished
+        ledger = await call(client, "get_ledger", loop="mean")
+    [improvement] = ledger["improvements"]
+    assert improvement["run"] == started["run_id"] and [c["decision"] for c in improvement["candidates"]] == ["kept"]

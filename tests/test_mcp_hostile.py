@@ -25,6 +25,8 @@ TOOLS = {
     "resume_run": {"run_id": str},
     "list_approvals": {"run_id": str},
     "decide_approval": {"approval_id": str, "allow": bool, "note": str},
+    "improve_loop": {"loop": str},
+    "get_ledger": {"loop": str},
 }
 HOSTILE_TEXT = st.one_of(
     st.sampled_from(["", " ", "../outside", "../../etc/passwd", "/etc/passwd", "a/b", ".hidden", "x" * 5000,

@@ -16,7 +16,7 @@ from test_mcp_stdio import call, error_of, server_params, until_finished
 FIX = tool_use("edit_file", {"path": "calc.py", "old_text": "(len(numbers) + 1)", "new_text": "len(numbers)"})
 GATE = {"approval": [{"tool": "run_command", "when": {"command": "echo deploy*"}, "timeout": "10m"}]}
 TOOLS = {"list_loops", "start_loop", "get_run", "list_runs", "wait_for_run", "get_run_trace",
-         "stop_run", "pause_run", "resume_run", "list_approvals", "decide_approval"}
+         "stop_run", "pause_run", "resume_run", "list_approvals", "decide_approval", "improve_loop", "get_ledger"}
 
 
 @pytest.fixture
