@@ -375,6 +375,10 @@ class ImproveRun(LoopRun):
             for handle in handles:
                 await handle.get_result()
             results += await step(f"results:{label}:{start}", self._record_cases, label, ids, chunk)
+            if cut := [r["case"] for r in results if r.get("cut")]:
+                raise StopRun("failed", f"max_cost_usd: the improvement's budget of ${self.spec.stop.max_cost_usd:.4f} "
+                                        f"ran out while measuring {_measured(label)} (case {', '.join(cut)} stopped at "
+                                        "its share of what was left); nothing was decided on an incomplete measurement")
         return results
 
     def _export_harness(self, label: str, commit: str) -> str:
@@ -451,15 +455,16 @@ class ImproveRun(LoopRun):
             data.update(name=eval_name(self.loop), trigger=[], workspace={"repo": self.case_repos[name]},
                         goal=cases[name].goal or self.loop_spec["goal"])
             data["memory"].update(notes=False, kv=False)  # a clean slate: no case learns from another
-            stop = harness.stop
-            data["stop"].update(max_cost_usd=min(stop.max_cost_usd, left / len(chunk)),
+            stop, share = harness.stop, left / len(chunk)
+            data["stop"].update(max_cost_usd=min(stop.max_cost_usd, share),
                                 max_wall_time=max(1.0, min(stop.wall_time_s, self.wall_time_left(row))))
             spec = LoopSpec.model_validate(data)
             self.rt.preflight(spec)
             self.store.create_run(run_id, spec.name, spec.model_dump(mode="json"), spec.workspace.repo,
                                   f"loopwright/{spec.name}/{run_id}")
             self.store.add_event(run_id, "trigger", "triggered", 0, {
-                "kind": "improve", "run": self.id, "candidate": label, "case": name, "repeat": k + 1})
+                "kind": "improve", "run": self.id, "candidate": label, "case": name, "repeat": k + 1,
+                "budget_share": share < stop.max_cost_usd})  # capped by what is left of the improvement's budget
             self.store.update_run(run_id, owner=self.rt.owner)
         return ids
 
@@ -473,6 +478,8 @@ class ImproveRun(LoopRun):
                 "output_tokens": e["output_tokens"]}) for e in self.store.all_events(run_id) if e["kind"] == "model_call")
             result = {"case": name, "repeat": k, "held_out": name in held, "run": run_id, "status": run.status,
                       "reason": run.reason, "cost_usd": round(run.spent_usd, 6), "uncached_cost_usd": round(uncached, 6)}
+            if run.reason.startswith("max_cost_usd") and self.store.event(run_id, "trigger")["data"]["budget_share"]:
+                result["cut"] = True  # stopped by the improvement's budget, not the loop's: no measurement
             self._event(f"{label}.case.{name}.{k}", "eval_case", self.info.iteration, result, cost_usd=run.spent_usd)
             results.append(result)
         return results
@@ -584,6 +591,14 @@ class ImproveRun(LoopRun):
         kept = [e["data"]["commit"] for e in self.store.all_events(self.id)
                 if e["kind"] == "candidate" and e["data"]["decision"] == "kept"]
         return kept[-1] if kept else self.store.get_run(self.id).base_commit
+
+
+def _measured(label: str) -> str:
+    """What a measurement's label (`base`, `3b`, `3`, `3h`) stands for, in words."""
+    if label == "base":
+        return "the harness as it was"
+    what = {"b": "its first learn cases", "h": "the held-out cases"}.get(label[-1], "the other learn cases")
+    return f"candidate {label.rstrip('bh')} on {what}"
 
 
 def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -257,3 +257,19 @@ async def test_an_mcp_client_starts_an_improvement_and_reads_its_ledger(home, tm
         ledger = await call(client, "get_ledger", loop="mean")
     [improvement] = ledger["improvements"]
     assert improvement["run"] == started["run_id"] and [c["decision"] for c in improvement["candidates"]] == ["kept"]
+
+
+def test_an_improvement_stops_at_its_budget_and_its_branch_keeps_nothing_unmeasured(home, tmp_path, model, sandbox_image):
+    home.mkdir(parents=True)
+    (home / "plugins.toml").write_text("[runtime]\nmax_parallel_runs = 1\n")  # one case run at a time: all of what is left
+    repo = loop_repo(tmp_path, eval_set(tmp_path, learn=2, held=1, max_cost_usd=0.024, max_candidates=3, batch=1))
+    head = git(repo, "rev-parse", "HEAD")
+    server = model(scripted([skill("tidy", "Prefer short functions."), skill("tidier", "Prefer shorter ones."),
+                             skill("mean", FACT)]))
+    result = loopwright("improve", str(repo / "loops" / "mean.toml"), timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    entry = ledger_of(repo)
+    assert entry["status"] == "failed" and "ran out while measuring candidate 3" in entry["reason"], entry["reason"]
+    assert [c["decision"] for c in entry["candidates"]] == ["discarded", "discarded"]  # the third was never decided
+    assert entry["spent_usd"] <= 0.024 and abs(entry["spent_usd"] - billed(server)) < 1e-5
+    assert git(repo, "rev-list", f"{head}..{entry['branch']}") == ""  # candidate 3, being measured, is not on the branch
