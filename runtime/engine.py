@@ -80,6 +80,8 @@ async def run_workflow(run_id: str) -> dict[str, Any]:
 
 
 class LoopRun:
+    maker_role = "maker"  # how the trace and the spend name the calls of the agent that takes the turns
+
     def __init__(self, runtime: Runtime, run_id: str):
         self.rt = runtime
         self.store = runtime.store
@@ -717,7 +719,7 @@ class Turn:
         self._model_calls += 1
         key = f"{self.prefix}.model.{self._model_calls}"
         cost = await step(f"usage:{key}", self._run._record_model_call, key, self.iteration, model, usage, 0.0,
-                          {"role": "maker", "reported_by": "agent"}, cost_usd)
+                          {"role": self._run.maker_role, "reported_by": "agent"}, cost_usd)
         self._run.budget.agent_ran(cost)
         return cost
 
@@ -752,7 +754,8 @@ class Turn:
                 with anyio.fail_after(self._call_timeout + GRACE_S):
                     reply = await send(request)
             except BaseException as error:  # the call failed (it cost nothing) or was cancelled: settle it so
-                self._run.store.settle_event(self._run.id, key, {"model": model, "role": "maker", "error": str(error)},
+                self._run.store.settle_event(self._run.id, key,
+                                             {"model": model, "role": self._run.maker_role, "error": str(error)},
                                              estimate, cost_usd=0.0, duration_ms=(time.monotonic() - started) * 1000)
                 if isinstance(error, TimeoutError):
                     raise ModelError(f"the maker's call to {model} did not return within {self._call_timeout:.0f}s (the "
@@ -760,7 +763,7 @@ class Turn:
                 raise
         self._run._record_model_call(
             key, self.iteration, model, reply["usage"], (time.monotonic() - started) * 1000,
-            {"role": "maker", "stop_reason": reply.get("stop_reason"), "content": reply["content"],
+            {"role": self._run.maker_role, "stop_reason": reply.get("stop_reason"), "content": reply["content"],
              **({"replayed": True} if self._run.replay is not None else {})},
             estimated=None if self._run.replay is not None else estimate,
         )
@@ -778,7 +781,7 @@ class Turn:
         self._call_timeout = max(min(run.wall_time_left(row), MODEL_CALL_LIMIT_S), 1.0)
         if run.replay is not None:
             return {"key": key}
-        return {"key": run.begin_model_call(key, self.iteration, model, "maker", estimate)}
+        return {"key": run.begin_model_call(key, self.iteration, model, run.maker_role, estimate)}
 
     async def tool(self, call_id: str, name: str, arguments: dict[str, Any]) -> ToolResult:
         """Run one tool call as a durable step: policy hooks, the sandbox, the trace."""

@@ -247,6 +247,8 @@ def of_cases(results: list[dict[str, Any]], names: set[str]) -> list[dict[str, A
 class ImproveRun(LoopRun):
     """An improvement: the improver takes turns; each turn's change is measured on the eval set, kept or set aside."""
 
+    maker_role = "improver"
+
     def __init__(self, runtime: Runtime, run_id: str):
         super().__init__(runtime, run_id)
         plan = self.store.event(run_id, IMPROVE_EVENT)["data"]
