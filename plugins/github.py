@@ -214,7 +214,8 @@ class Publisher:
     def _call(self, method: str, path: str, **kwargs: Any) -> Any:
         response = self.http.request(method, path, **kwargs)
         if response.status_code >= 400:
-            message = response.json().get("message", "") if "json" in response.headers.get("content-type", "") else ""
+            body = response.json() if "json" in response.headers.get("content-type", "") else {}
+            message = body.get("message", "") if isinstance(body, dict) else ""
             raise RuntimeError(f"{method} {path} answered {response.status_code} {message}".strip())
         return response.json() if response.content else {}
 
