@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.types import WebhookRequest, WebhookResponse
 
-from .triggers import ENV_NAME, _settings
+from .triggers import ENV_NAME, _settings, answer
 
 if TYPE_CHECKING:
     from loopwright.runtime.automations import Context
@@ -99,12 +99,7 @@ class GitHubTrigger:
         if fired.repeated:
             return WebhookResponse(200, {"duplicate": f"delivery {delivery[:100]} was received before "
                                                       f"({fired.status}, run {fired.run_id}): nothing started"})
-        if fired.status == "skipped":
-            return WebhookResponse(423 if fired.reason.startswith("paused") else 429,
-                                   {"error": f"no run started: {fired.reason}"})
-        if fired.status == "failed":
-            return WebhookResponse(500, {"error": f"the run could not be started: {fired.reason}"})
-        return WebhookResponse(202, {"run_id": fired.run_id, "loop": ctx.automation.loop})
+        return answer(ctx, fired)
 
     def _ignored(self, event: str, payload: dict[str, Any]) -> str:
         action = str(payload.get("action", ""))
@@ -244,8 +239,7 @@ class Publisher:
     def _push(self, commit: str) -> dict[str, Any]:
         repo = self.store.get_run(self.run.id).repo
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")} | {"GIT_TERMINAL_PROMPT": "0"}
-        url = subprocess.run(["git", "-C", repo, "remote", "get-url", "--push", self.config.remote],
-                             capture_output=True, text=True, env=env).stdout.strip()
+        url = self._remote_url("--push")
         if url.startswith("https://") and urlsplit(url).hostname in self._github_hosts():
             # The loop's token only, and only to GitHub: in git's environment, never on a command line.
             basic = base64.b64encode(f"x-access-token:{self.token}".encode()).decode()
@@ -317,11 +311,13 @@ class Publisher:
                       f"`{self.branch}`" + (f" · commit {row.commit_sha[:10]}" if row.commit_sha else "")]
         return "\n".join(lines)
 
-    def _repo_from_remote(self) -> str:
+    def _remote_url(self, *options: str) -> str:
         repo = self.store.get_run(self.run.id).repo
-        url = subprocess.run(["git", "-C", repo, "remote", "get-url", self.config.remote], capture_output=True,
-                             text=True).stdout.strip()
-        match = re.search(r"github\.com[:/]([^/]+/[^/]+?)(?:\.git)?/?$", url)
+        return subprocess.run(["git", "-C", repo, "remote", "get-url", *options, self.config.remote],
+                              capture_output=True, text=True).stdout.strip()
+
+    def _repo_from_remote(self) -> str:
+        match = re.search(r"github\.com[:/]([^/]+/[^/]+?)(?:\.git)?/?$", self._remote_url())
         return match.group(1) if match else ""
 
 

@@ -24,7 +24,7 @@ from loopwright.runtime.hookspecs import hookimpl
 from loopwright.runtime.types import OUTCOMES, Outcome, RunInfo, WebhookRequest, WebhookResponse
 
 if TYPE_CHECKING:
-    from loopwright.runtime.automations import Context
+    from loopwright.runtime.automations import Context, Fired
     from loopwright.runtime.spec import TriggerSpec
 
 log = logging.getLogger(__name__)
@@ -128,12 +128,17 @@ class Webhook:
             first = f"it started run {fired.run_id}" if fired.status == "started" else f"it was {fired.status}: {fired.reason}"
             return WebhookResponse(409, {"error": f"this request was delivered before ({first}): a replayed request "
                                                   "is refused; sign a new request to try again"})
-        if fired.status == "skipped":
-            code = 423 if fired.reason.startswith("paused") else 429
-            return WebhookResponse(code, {"error": f"no run started: {fired.reason}"})
-        if fired.status == "failed":
-            return WebhookResponse(500, {"error": f"the run could not be started: {fired.reason}"})
-        return WebhookResponse(202, {"run_id": fired.run_id, "loop": ctx.automation.loop})
+        return answer(ctx, fired)
+
+
+def answer(ctx: Context, fired: Fired) -> WebhookResponse:
+    """A webhook's answer for a new firing: the run started (202), or why not."""
+    if fired.status == "skipped":
+        code = 423 if fired.reason.startswith("paused") else 429
+        return WebhookResponse(code, {"error": f"no run started: {fired.reason}"})
+    if fired.status == "failed":
+        return WebhookResponse(500, {"error": f"the run could not be started: {fired.reason}"})
+    return WebhookResponse(202, {"run_id": fired.run_id, "loop": ctx.automation.loop})
 
 
 def _fingerprint(root: Path, patterns: list[str]) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -128,9 +127,11 @@ def load_eval_set(path: Path) -> EvalSet:
             problems.append(f"case {case.name}: {case.path} is not a folder or repository")
         elif case.ref and not (folder / ".git").exists():
             problems.append(f"case {case.name}: ref {case.ref!r} given, but {case.path} is not a git repository")
-        elif (folder / ".git").exists() and _git(folder, "rev-parse", "--verify", "--quiet",
-                                                  f"{case.ref or 'HEAD'}^{{commit}}", check=False).returncode:
-            problems.append(f"case {case.name}: {case.ref or 'HEAD'} is no commit of {case.path}")
+        elif (folder / ".git").exists():
+            try:
+                worktrees.resolve_ref(folder, case.ref or "HEAD")
+            except worktrees.WorktreeError:
+                problems.append(f"case {case.name}: {case.ref or 'HEAD'} is no commit of {case.path}")
     if problems:
         raise SpecError(str(path), problems)
     return evals
@@ -160,7 +161,7 @@ def start_improvement(runtime: Runtime, spec_file: Path, eval_file: Path | None 
     except ValueError:
         raise RunError(f"{spec_file} is not inside the loop's repository {repo}: the improvement changes it on a "
                        "branch of that repository, so it must be there") from None
-    if _git(repo, "cat-file", "-e", f"HEAD:{relative.as_posix()}", check=False).returncode:
+    if not worktrees.has_file_at_head(repo, relative.as_posix()):
         raise RunError(f"commit {relative.as_posix()} first: the improvement's branch starts from the repository's HEAD")
     runtime.preflight(spec, here=here)  # the loop itself can run (its maker, checks and sandbox)
     settings = evals.improve
@@ -422,17 +423,7 @@ class ImproveRun(LoopRun):
             dest = self.rt.settings.runs_dir / self.id / "cases" / case.name
             shutil.rmtree(dest, ignore_errors=True)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            source = Path(case.path)
-            if (source / ".git").exists():
-                sha = _git(source, "rev-parse", "--verify", f"{case.ref or 'HEAD'}^{{commit}}").stdout.strip()
-                _git(dest.parent, "clone", "-q", "--no-checkout", str(source), case.name)
-                _git(dest, "checkout", "-q", "--detach", sha)
-            else:
-                shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
-                _git(dest, "init", "-q")
-                _git(dest, "add", "-A")
-                _git(dest, "-c", "user.name=Loopwright", "-c", "user.email=loopwright@localhost",
-                     "commit", "-q", "--allow-empty", "-m", f"case {case.name}")
+            worktrees.snapshot(Path(case.path), dest, case.ref)
             repos[case.name] = str(dest)
         return repos
 
@@ -601,10 +592,6 @@ def _measured(label: str) -> str:
         return "the harness as it was"
     what = {"b": "its first learn cases", "h": "the held-out cases"}.get(label[-1], "the other learn cases")
     return f"candidate {label.rstrip('bh')} on {what}"
-
-
-def _git(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return worktrees._git(cwd, *args, check=check)
 
 
 # --- the ledger -------------------------------------------------------------------------------------

@@ -295,6 +295,27 @@ def resolve_ref(repo: Path, ref: str, remote: str | None = None, fetch: str | No
     return found
 
 
+def has_file_at_head(repo: Path, path: str) -> bool:
+    """Whether ``path`` is committed in ``repo``'s HEAD."""
+    return _git(Path(repo), "cat-file", "-e", f"HEAD:{path}", check=False).returncode == 0
+
+
+def snapshot(source: Path, dest: Path, ref: str | None = None) -> None:
+    """Make ``dest`` a repository of its own whose HEAD is ``source`` as it stands: a clone of a repository
+    at ``ref`` (default its HEAD), detached, or a folder committed as it is."""
+    if (source / ".git").exists():
+        commit = resolve_ref(source, ref or "HEAD")
+        _git(dest.parent, "clone", "-q", "--no-checkout", str(source), dest.name)
+        _git(dest, "checkout", "-q", "--detach", commit)
+        return
+    shutil.copytree(source, dest, symlinks=True, ignore=shutil.ignore_patterns(".git"))
+    _git(dest, "init", "-q")
+    _git(dest, "add", "-A")
+    _git(dest, "commit", "-q", "--allow-empty", "-m", f"{source.name}, as it was",
+         env={"GIT_AUTHOR_NAME": AUTHOR_NAME, "GIT_AUTHOR_EMAIL": AUTHOR_EMAIL,
+              "GIT_COMMITTER_NAME": AUTHOR_NAME, "GIT_COMMITTER_EMAIL": AUTHOR_EMAIL})
+
+
 def move_branch(wt: Worktree, commit: str) -> None:
     """Point the worktree's branch at ``commit``, its files left as they are: what came after is set aside."""
     _git_wt(wt, "update-ref", f"refs/heads/{wt.branch}", commit)
