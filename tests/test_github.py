@@ -210,7 +210,7 @@ def test_a_failed_check_run_starts_a_run_on_its_commit_and_only_listed_labels_st
     assert run.status == "succeeded", run.reason
     assert run.spec["goal"] == "CI failed on average: tests."
     assert git(project, "show", f"{run.branch}:contributed.txt") == "from the pull request"  # on the failed commit
-    until(lambda: server.pulls, what="the fix's pull request")
+    until(lambda: server.statuses, what="the status, the last thing sent")
     assert server.pulls[0]["base"] == "average" and server.pulls[0]["head"] == "loopwright/fix-ci/pr-7"
     assert server.statuses[0]["sha"] == head and server.statuses[0]["state"] == "success"
     assert [r.id for r in runs_of("fix-ci")] == [run.id]
