@@ -596,6 +596,12 @@ def approve(approval_id: str, deny: bool, note: str) -> None:
 @click.option("--loops", "loops_dir", type=click.Path(path_type=Path), help="folder of loop specs (default: ./loops)")
 def mcp(loops_dir: Path | None) -> None:
     """Serve the MCP tools over stdio (for `claude mcp add loopwright -- loopwright mcp`)."""
+    import gc
+
+    # A client waits for the tools while this process starts: importing the MCP SDK makes about a million
+    # objects (its pydantic models) and frees almost none, so the cyclic collector only slows it down
+    # (by a tenth). serve_stdio turns it back on once the server is built.
+    gc.disable()
     from .mcp_server.server import serve_stdio
 
     serve_stdio(loops_dir.resolve() if loops_dir else None)

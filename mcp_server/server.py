@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -266,6 +267,8 @@ def serve_stdio(loops_dir: Path | None = None) -> None:
         threading.Thread(target=runtime.hand_over_orphans, name="loopwright-hand-over", daemon=True).start()
     # A client ends the server with SIGTERM: exit normally so this process's sandboxes are removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    gc.freeze()  # what start-up made lives as long as this process: collections need not look at it again
+    gc.enable()  # off while starting, if `loopwright mcp` turned it off (cli.py)
     try:
         server.run("stdio")
     finally:
