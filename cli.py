@@ -612,6 +612,7 @@ def worker() -> None:
     """Execute queued runs (and runs whose process died), then exit once none is left for a few seconds.
     `loopwright mcp` starts one when no daemon runs, so that runs outlive the MCP client."""
     runtime = _runtime()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # exit normally: this process's sandboxes go with it
     runtime.work_until_idle()
 
 

@@ -1,7 +1,9 @@
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -11,6 +13,12 @@ from pathlib import Path
 import pytest
 
 from model_server import ModelServer, tool_use
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """What `-n auto` (pyproject.toml) means: two workers a core, as most tests wait on containers and on
+    loopwright processes; more only add contention for the cores (measured: 4 on 2 cores beat 6)."""
+    return 2 * (os.cpu_count() or 1)
 
 
 def pytest_configure(config):
@@ -70,6 +78,7 @@ def database(request, home, monkeypatch) -> str:
     url = f"{POSTGRES.rsplit('/', 1)[0]}/{name}"
     monkeypatch.setenv("LOOPWRIGHT_DATABASE_URL", url)
     yield url
+    end_worker(home)  # before its database goes: a worker that loses it retries for ever
     with psycopg.connect(POSTGRES, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
@@ -106,7 +115,27 @@ def home(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "home"
     monkeypatch.setenv("LOOPWRIGHT_HOME", str(path))
     monkeypatch.setenv("LOOPWRIGHT_LOAD_PLUGINS", "")
-    return path
+    yield path
+    end_worker(path)
+
+
+def end_worker(home: Path) -> None:
+    """End the `loopwright worker` that a test's MCP server started in `home`, if it still runs (it would
+    exit once idle): SIGTERM, which it answers by removing its sandboxes and exiting, then SIGKILL."""
+    from loopwright.runtime.service import WORKER_FILE, owner_is_alive
+
+    try:
+        worker = json.loads((home / WORKER_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    for signum in (signal.SIGTERM, signal.SIGKILL):
+        if not owner_is_alive(worker["owner"]):  # by pid and start time: never another process
+            return
+        with contextlib.suppress(ProcessLookupError):  # it exited just now
+            os.kill(worker["pid"], signum)
+        deadline = time.monotonic() + 20
+        while owner_is_alive(worker["owner"]) and time.monotonic() < deadline:
+            time.sleep(0.1)
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ from daemon_process import DaemonProcess
 from model_server import text, tool_use
 from loopwright.runtime.daemon import TAKEOVER_INTERVAL_S
 from loopwright.runtime.store import Store, executors
+from loopwright.sandbox import reap_orphans
 from test_automations import add_loop, clock  # noqa: F401 - clock is a fixture
 from test_mcp_stdio import call
 
@@ -72,6 +73,7 @@ async def test_a_killed_daemons_runs_are_finished_by_the_other_once(tmp_path, da
             if daemon.process.poll() is None:
                 daemon.process.send_signal(signal.SIGTERM)
                 daemon.process.wait(timeout=60)
+        reap_orphans(first.home)  # what the killed daemon's machine does when it starts again
 
 
 def test_a_run_of_a_silent_process_on_another_machine_is_taken_over(tmp_path, home, database, project, model):

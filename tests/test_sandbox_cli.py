@@ -39,6 +39,26 @@ def test_sigterm_to_loopwright_run_removes_its_sandboxes(home, project, model):
         process.stdout.close()
 
 
+def test_sigterm_to_a_worker_removes_the_sandboxes_of_the_run_it_took_over(home, project, model):
+    model([tool_use("run_command", {"command": "sleep 60"}), text("done")])
+    run = subprocess.Popen([*LOOPWRIGHT, "run", str(write_spec(project))], stdout=subprocess.PIPE, text=True)
+    run_id = run.stdout.readline().split()[1]
+    wait_for(lambda: any(s["run_id"] == run_id for s in list_sandboxes()), "the run's tool call is under way")
+    run.kill()  # its process dies mid-call: a worker takes the run over
+    run.wait()
+    run.stdout.close()
+    worker = subprocess.Popen([*LOOPWRIGHT, "worker"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: sandboxes_owned_by(worker.pid), "the worker runs the run's tool call again")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 143
+        assert sandboxes_owned_by(worker.pid) == []
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+
+
 @pytest.mark.anyio
 async def test_a_process_serving_loops_gives_its_next_run_a_warm_sandbox(home, project, model):
     # The first run takes a few seconds (its tool call sleeps): time for the pool to warm the next sandbox.
