@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import base64
+import contextlib
 import datetime as _dt
 import itertools
 import json
@@ -94,6 +95,8 @@ _client_lock = threading.Lock()
 _client_obj = None
 _live_lock = threading.Lock()
 _LIVE: set["DockerSandbox"] = set()
+_launched = False  # this process has created a container (close_all then looks for its own)
+_exiting = False  # close_all has begun: no new container
 
 
 def _client():
@@ -471,14 +474,11 @@ def _launch(options: dict) -> dict:
     run_id, image = options["run_id"], options["image"]
     if not options["worktree"].is_dir():  # Docker would make an empty folder there and mount that
         raise SandboxError(f"worktree {options['worktree']} does not exist; create it (sandbox.create_worktree) first")
-    me = os.getpid()
     name = _container_name(run_id)
     labels = {
         LABEL: "1",
         "loopwright.run": run_id,
-        "loopwright.owner.pid": str(me),
-        "loopwright.owner.started": _proc_start_time(me) or "",
-        "loopwright.owner.host": socket.gethostname(),
+        **_owner_labels(),
         HOME_LABEL: loopwright_home(),
         "loopwright.created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
@@ -517,6 +517,11 @@ def _launch(options: dict) -> dict:
         tmpfs={"/tmp": f"rw,exec,nosuid,nodev,size={TMPFS_SIZE},mode=1777"},
         log_config={"type": "json-file", "config": {"max-size": "1m", "max-file": "1"}},
     )
+    global _launched
+    with _live_lock:
+        if _exiting:
+            raise SandboxError(f"not starting sandbox {name}: this process is exiting")
+        _launched = True
     try:
         try:
             container_id = client.api.create_container(
@@ -524,6 +529,8 @@ def _launch(options: dict) -> dict:
                 working_dir=WORKDIR, environment={**options.get("environment", {}), "HOME": "/tmp", "PATH": SANDBOX_PATH},
                 host_config=host_config, use_config_proxy=False,  # the client's proxy settings are host config
             )["Id"]
+            if _exiting:  # close_all may have looked for this process's containers before this one existed
+                raise SandboxError(f"not starting sandbox {name}: this process is exiting")
         except docker.errors.ImageNotFound:
             raise SandboxError(
                 f"sandbox image {image!r} is not present in the local Docker engine; "
@@ -601,14 +608,28 @@ def _force_remove(name_or_id: str) -> None:
 
 
 def close_all() -> None:
-    """Remove every sandbox this process started and has not closed yet (exit / signal path)."""
+    """Remove every sandbox this process started and has not closed yet, and those another thread is still
+    starting (exit / signal path: that thread dies with the process)."""
+    global _exiting
     with _live_lock:
-        live = list(_LIVE)
+        _exiting = True
+        live, launched = list(_LIVE), _launched
     for sb in live:
-        try:
+        with contextlib.suppress(Exception):  # best effort at exit; reap_orphans catches leftovers
             sb.close()
-        except Exception:
-            pass  # best effort at exit; reap_orphans catches leftovers
+    if launched:  # and those another thread is still starting, found by their owner labels
+        mine = _owner_labels().items()
+        with contextlib.suppress(Exception):
+            for c in _labelled_containers():
+                if mine <= c["labels"].items():
+                    _force_remove(c["id"])
+
+
+def _owner_labels() -> dict[str, str]:
+    """The labels that name this process as a container's owner: pid, kernel start time and host."""
+    me = os.getpid()
+    return {"loopwright.owner.pid": str(me), "loopwright.owner.started": _proc_start_time(me) or "",
+            "loopwright.owner.host": socket.gethostname()}
 
 
 atexit.register(close_all)
