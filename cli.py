@@ -233,6 +233,8 @@ def recover(run_id: str | None) -> None:
             run = runtime.get_run(run_id)
             if run.finished:
                 fail(f"run {run_id} already finished ({run.status}); nothing to recover", 1)
+            if not run.owner:
+                fail(f"run {run_id} is queued: the daemon executes it, or `loopwright worker` where none runs")
             fail(f"run {run_id} belongs to a live process ({run.owner}); it is still running there")
         ids = [run_id] if run_id else ours
         if not ids:

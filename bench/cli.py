@@ -76,7 +76,8 @@ def a_finished_run(env: dict[str, str]) -> str:
         "from loopwright.runtime.service import Runtime; from loopwright.runtime.spec import load_spec\n"
         "r = Runtime(); s = load_spec('examples/fix-failing-test/loop.toml')\n"
         "run = r.store.create_run('bench-run', s.name, s.model_dump(mode='json'), '.', 'loopwright/bench')\n"
-        "r.store.update_run(run.id, status='succeeded', reason='bench')\nprint(run.id)"
+        "import time; r.store.update_run(run.id, status='succeeded', reason='bench', finished_at=time.time())\n"
+        "print(run.id)"
     )
     return subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True, capture_output=True,
                           text=True).stdout.strip()

@@ -29,6 +29,7 @@ WORKFLOW = "loopwright.run"
 DAEMON_FILE = "daemon.json"  # written by `loopwright serve`: its owner id and URL
 WORKER_FILE = "worker.json"  # written by `loopwright worker`: its owner id
 WORKER_IDLE_S = 5.0  # a worker with nothing to execute for this long exits
+NEVER_QUEUED_S = 60.0  # a run without an owner or a workflow this long after it was recorded was never queued
 HEARTBEAT_S = 10.0  # how often a process that executes runs says it is alive (in the database)
 HEARTBEAT_STALE_S = 60.0  # a process on another machine silent for this long is dead: its runs are taken over
 
@@ -192,13 +193,17 @@ class Runtime:
         from dbos import DBOS
 
         taken = []
-        # A run is marked finished before its last steps (the run-finished hooks: notifications, GitHub):
-        # a finished run whose workflow is still pending died among them, and they are owed.
-        pending = {w.workflow_id for w in DBOS.list_workflows(status="PENDING", load_input=False, load_output=False)}
+        live = {w.workflow_id for w in DBOS.list_workflows(status=["PENDING", "ENQUEUED"], load_input=False,
+                                                             load_output=False)}
         for run in self.store.list_runs(limit=1000):
-            if (run.finished and run.id not in pending) or not run.owner or run.owner == self.owner \
-                    or self.owner_alive(run.owner):
-                continue
+            if run.owner:
+                # A run is marked finished before its last steps (the run-finished hooks: notifications, GitHub):
+                # a finished run whose workflow is still pending died among them, and they are owed.
+                if (run.finished and run.id not in live) or run.owner == self.owner or self.owner_alive(run.owner):
+                    continue
+            elif run.finished or run.id in live or time.time() - run.created_at < NEVER_QUEUED_S:
+                continue  # queued (or being queued): whichever process executes runs takes it from the queue
+            # else its process died after recording the run and before queueing it
             if DBOS.get_workflow_status(run.id) is None:
                 self._start_workflow(run.id)  # the process died before the workflow was recorded
             else:  # back on the queue, from its last finished step: whichever process executes runs takes it

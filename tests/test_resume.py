@@ -8,6 +8,8 @@ import docker
 
 from conftest import FIX, LOOPWRIGHT, loopwright, wait_for, write_spec
 from model_server import text, tool_use
+from loopwright.runtime.records import new_run_id
+from loopwright.runtime.spec import load_spec
 from loopwright.runtime.store import Store
 
 
@@ -48,3 +50,17 @@ def test_recover_with_nothing_orphaned_says_so(home):
     result = loopwright("recover")
     assert result.returncode == 0
     assert "no orphaned runs to recover" in result.stdout
+
+
+def test_a_run_recorded_but_never_queued_before_its_process_died_is_recovered(database, project, model):
+    model([FIX, text("fixed")])
+    spec = load_spec(write_spec(project))
+    store = Store(database)
+    run_id = new_run_id()
+    store.create_run(run_id, spec.name, spec.model_dump(mode="json"), spec.workspace.repo, f"loopwright/{spec.name}/{run_id}")
+    store.update_run(run_id, created_at=time.time() - 120)  # its process died two minutes ago, before queueing it
+
+    resumed = loopwright("recover", run_id)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"recovering run {run_id}" in resumed.stdout
+    assert store.get_run(run_id).status == "succeeded"
