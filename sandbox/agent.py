@@ -38,6 +38,7 @@ import time
 
 TIMEOUT_EXIT_CODE = 124
 KILLED_EXIT_CODE = 137
+KILL_WAIT_S = 10.0  # how long ending a call's processes may wait for them to die
 _BACKSTOP_S = 5.0  # a supervisor that overruns its call's timeout by this much is killed by the agent
 _PR_SET_DUMPABLE = 4
 _PR_SET_CHILD_SUBREAPER = 36
@@ -95,35 +96,44 @@ def _children() -> dict[int, list[tuple[int, str]]]:
     return children
 
 
-def _kill_tree(roots: list[int], include_roots: bool) -> None:
-    """SIGKILL the roots' descendants (and the roots) until none is left, reaping as we go."""
-    for _ in range(200):
-        children, live, stack = _children(), [], list(roots)
+def _kill_descendants(spare: frozenset[int] = frozenset()) -> None:
+    """SIGKILL every descendant of this process (a subreaper: orphans come to it) but the ``spare`` ones
+    and theirs, reaping as we go, until a look at /proc finds none, not even a zombie: a look that finds
+    only zombies may have missed a child forked while it read /proc by a parent that then exited. Killed
+    processes take a moment to die on a loaded machine; this waits for them, up to KILL_WAIT_S."""
+    deadline = time.monotonic() + KILL_WAIT_S
+    while True:
+        children, found, stack = _children(), [], [os.getpid()]
         while stack:
             for pid, state in children.get(stack.pop(), []):
-                stack.append(pid)
-                if state != "Z":
-                    live.append(pid)
-        if include_roots:
-            live += roots
-            include_roots = False  # killed once; they are zombies or gone now
+                if pid not in spare:
+                    stack.append(pid)
+                    found.append((pid, state))
+        live = [pid for pid, state in found if state != "Z"]
         for pid in live:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
         _reap_all()
-        if not live:
+        if not found or time.monotonic() > deadline:
             return
+        if live:
+            time.sleep(0.002)  # let them die
 
 
-def _reap_all() -> None:
+def _reap_all(watch: int | None = None) -> int | None:
+    """Reap every child that has exited; the wait status of ``watch`` if it was one of them."""
+    watched = None
     while True:
         try:
-            if os.waitpid(-1, os.WNOHANG)[0] == 0:
-                return
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
-            return
+            return watched
+        if pid == 0:
+            return watched
+        if pid == watch:
+            watched = status
 
 
 def _exit_code(status: int) -> int:
@@ -131,6 +141,15 @@ def _exit_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
     return os.WEXITSTATUS(status)
+
+
+def _drain(fd: int) -> None:
+    """Empty a non-blocking wake-up pipe."""
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -157,11 +176,19 @@ def supervise(request_fd: int, result_fd: int, workdir: str, output_limit: int) 
         except OSError:
             pass
         os.chdir(workdir)
+        # Every exit of a child wakes the call's loop: the command's own, and those of the orphans its
+        # processes leave, which come to us (a subreaper) and are reaped at once, so that their zombies
+        # do not pile up against the pids limit during a long call.
+        wake_r, wake_w = os.pipe()
+        for fd in (wake_r, wake_w):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)
         requests = os.fdopen(request_fd, "rb")
         for line in requests:
             request = json.loads(line)
             try:
-                result = _run_call(request, output_limit)
+                result = _run_call(request, output_limit, wake_r)
             except Exception as error:  # e.g. no process can be started at the pids limit
                 result = {"id": request["id"], "exit": 126, "stdout": "", "timed_out": False,
                           "stderr": "loopwright: could not run the command: %s\n" % error}
@@ -170,7 +197,7 @@ def supervise(request_fd: int, result_fd: int, workdir: str, output_limit: int) 
         os._exit(0)
 
 
-def _run_call(request: dict, output_limit: int) -> dict:
+def _run_call(request: dict, output_limit: int, wake_r: int) -> dict:
     stdin = base64.b64decode(request["stdin"]) if request.get("stdin") is not None else None
     deadline = time.monotonic() + float(request["timeout"])
     out_r, out_w = os.pipe()
@@ -197,7 +224,7 @@ def _run_call(request: dict, output_limit: int) -> dict:
             if fd is not None:
                 os.close(fd)
                 opened.remove(fd)
-        exit_code, timed_out = _supervise_command(pid, sel, outputs, in_w, stdin, deadline)
+        exit_code, timed_out = _supervise_command(pid, sel, wake_r, outputs, in_w, stdin, deadline)
     finally:
         sel.close()
         for fd in opened:
@@ -209,18 +236,13 @@ def _run_call(request: dict, output_limit: int) -> dict:
             "timed_out": timed_out}
 
 
-def _supervise_command(pid: int, sel, outputs: dict, in_w, stdin, deadline: float) -> tuple[int, bool]:
-    """Feed stdin and collect output until the command ends or times out; then end what it left running."""
+def _supervise_command(pid: int, sel, wake_r: int, outputs: dict, in_w, stdin, deadline: float) -> tuple[int, bool]:
+    """Feed stdin and collect output until the command ends or times out; then end what it left running.
+    ``wake_r`` is readable whenever a child of ours has exited."""
     for fd in outputs:
         os.set_blocking(fd, False)
         sel.register(fd, selectors.EVENT_READ)
-    pidfd = None
-    if hasattr(os, "pidfd_open"):
-        try:
-            pidfd = os.pidfd_open(pid)
-            sel.register(pidfd, selectors.EVENT_READ)
-        except OSError:
-            pidfd = None
+    sel.register(wake_r, selectors.EVENT_READ)
     pending = None
     if stdin is not None:
         pending = memoryview(stdin)
@@ -237,26 +259,26 @@ def _supervise_command(pid: int, sel, outputs: dict, in_w, stdin, deadline: floa
     try:
         while sel.get_map():
             if exit_code is None:
-                waited, status = os.waitpid(pid, os.WNOHANG)
+                status = _reap_all(watch=pid)
                 remaining = deadline - time.monotonic()
-                if waited or remaining <= 0:
-                    if waited:
+                if status is not None or remaining <= 0:
+                    if status is not None:
                         exit_code = _exit_code(status)
                     else:
                         timed_out, exit_code = True, TIMEOUT_EXIT_CODE
-                    _kill_tree([os.getpid()], include_roots=False)  # what the command left running
-                    if pidfd is not None:
-                        sel.unregister(pidfd)
+                    _kill_descendants()  # what the command left running
+                    sel.unregister(wake_r)
                     if pending is not None:
                         stop_feeding()
                     continue
-                wait = remaining if pidfd is not None else min(remaining, 0.05)
+                wait = remaining
             else:
                 wait = None  # every writer is dead: the pipes reach EOF
             for key, _ in sel.select(wait):
                 fd = key.fd
-                if fd == pidfd:
-                    continue  # the command exited; handled at the top of the loop
+                if fd == wake_r:
+                    _drain(wake_r)  # a child exited; reaped at the top of the loop
+                    continue
                 if pending is not None and fd == in_w:
                     try:
                         pending = pending[os.write(in_w, pending[:_CHUNK]):]
@@ -271,8 +293,6 @@ def _supervise_command(pid: int, sel, outputs: dict, in_w, stdin, deadline: floa
                 else:
                     sel.unregister(fd)
     finally:
-        if pidfd is not None:
-            os.close(pidfd)
         if pending is not None:
             stop_feeding()
     return exit_code, timed_out
@@ -351,10 +371,7 @@ class Agent:
                     if not self.read_requests():
                         return "host closed the connection"
                 elif key.fd == self.wake_r:
-                    try:
-                        os.read(self.wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                    _drain(self.wake_r)
                 else:
                     self.read_result(self.supervisors[key.fd])
             self.enforce_backstop()
@@ -472,10 +489,7 @@ class Agent:
 
     def kill_strays(self) -> None:
         """Processes whose supervisor died are adopted by us, process 1: they must not live on."""
-        known = {s.pid for s in self.supervisors.values()}
-        strays = [pid for pid, _ in _children().get(os.getpid(), []) if pid not in known]
-        if strays:
-            _kill_tree(strays, include_roots=True)
+        _kill_descendants(spare=frozenset(s.pid for s in self.supervisors.values()))
 
 
 USAGE = ("usage: agent.py --socket PATH [--workdir DIR] [--output-limit BYTES] [--idle SECONDS] "

@@ -99,6 +99,15 @@ def test_background_processes_do_not_outlive_their_call(make_sandbox):
     assert "sleep 100" not in sb.run("ps -eo args=", timeout=20).stdout
 
 
+def test_a_call_that_leaves_many_short_lived_orphans_does_not_run_out_of_processes(make_sandbox):
+    # Each `(sleep 0.01 &)` leaves an orphan that the call's supervisor adopts; 200 of them, each gone in
+    # 10 ms. Unless the supervisor reaps them as they go, their zombies fill a pids limit of 64: "Cannot fork".
+    sb, _ = make_sandbox(pids_limit=64)
+    r = sb.run("for i in $(seq 200); do (sleep 0.01 &); done; sleep 0.2; ps -e --no-headers | wc -l", timeout=120)
+    assert (r.exit_code, r.stderr) == (0, ""), r
+    assert int(r.stdout) < 10  # the agent, its supervisors, this call's sh, ps and wc
+
+
 def test_calls_run_concurrently(make_sandbox):
     sb, _ = make_sandbox()
     waiting = {}
