@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import os
@@ -269,8 +270,18 @@ def serve_stdio(loops_dir: Path | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     gc.freeze()  # what start-up made lives as long as this process: collections need not look at it again
     gc.enable()  # off while starting, if `loopwright mcp` turned it off (cli.py)
+    code = 0
     try:
         server.run("stdio")
+    except SystemExit as exiting:  # SIGTERM
+        code = exiting.code or 0
     finally:
         runtime.shutdown()
+    # The SDK reads stdin in a worker thread that only a line or the end of input wakes, and Python waits
+    # for that thread before it exits: a client that ends this server with SIGTERM but keeps stdin open
+    # would wait for ever. So finish as Python would (its exit handlers: logging, exporters, sandboxes),
+    # then leave without waiting for that thread.
+    atexit._run_exitfuncs()
+    sys.stderr.flush()
+    os._exit(code)
 

@@ -1,13 +1,16 @@
 """Loop control over MCP, through the mcp SDK's real client and the real stdio transport."""
 
+import json
 import os
+import signal
+import subprocess
 import sys
 
 import anyio
 import pytest
 from mcp import Client, StdioServerParameters
 
-from conftest import FIX, ROOT, wait_for, write_spec
+from conftest import FIX, LOOPWRIGHT, ROOT, wait_for, write_spec
 from model_server import text, tool_use
 from loopwright.runtime.store import Store
 
@@ -135,3 +138,20 @@ async def test_a_run_outlives_the_client_that_started_it(home, project, model):
     run = wait_for(lambda: (run := store.get_run(started["run_id"])).finished and run, "the run finishes", timeout=180)
     assert (run.status, run.iteration) == ("succeeded", 1)
     wait_for(lambda: not (home / "worker.json").exists(), "the worker exits once no run is left", timeout=60)
+
+
+def test_sigterm_ends_the_server_while_its_client_keeps_stdin_open(home, tmp_path):
+    # A client may end its server with SIGTERM without closing the server's stdin first; the SDK's stdin
+    # reader then never wakes, and the server must not wait for it.
+    server = subprocess.Popen([*LOOPWRIGHT, "mcp", "--loops", str(tmp_path)], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        server.stdin.write(json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "1"}}}) + "\n")
+        server.stdin.flush()
+        assert json.loads(server.stdout.readline())["result"]["serverInfo"]["name"] == "loopwright"
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 143, server.stderr.read()
+    finally:
+        server.kill()
+        server.wait()
