@@ -335,13 +335,15 @@ class DockerSandbox:
         try:
             answer = channel.call(command, timeout, stdin)
         except _AgentGone as gone:
-            if not self._replace_agent(channel):
-                raise SandboxError(f"sandbox {self.name} was closed during this call") from gone
+            name = self.name
+            ended = self._replace_agent(channel)
+            if ended is None:
+                raise SandboxError(f"sandbox {name} was closed during this call") from gone
             if gone.unsent or gone.reason in ("idle", "lifetime"):  # a retiring agent reads no more calls
                 return self.run(command, timeout=timeout, stdin=stdin)
             raise SandboxError(
-                f"the agent of sandbox {self.name} stopped during this call ({gone.reason}); the call's effects are "
-                "unknown, a fresh sandbox on the same worktree serves the next calls"
+                f"the agent of sandbox {name} stopped during this call ({gone.reason}{ended}); the call's effects "
+                "are unknown, a fresh sandbox on the same worktree serves the next calls"
             ) from gone
         duration_ms = (time.monotonic() - t0) * 1000
         if answer is None:
@@ -367,18 +369,21 @@ class DockerSandbox:
         self.name = _container_name(run_id)
         threading.Thread(target=_rename, args=(self.container_id, self.name), daemon=True).start()
 
-    def _replace_agent(self, dead: _AgentChannel) -> bool:
-        """Start a new container for this sandbox after its agent retired or died; False once closed."""
+    def _replace_agent(self, dead: _AgentChannel) -> str | None:
+        """Start a new container for this sandbox after its agent retired or died, and say how the old one
+        ended (see ``_how_it_ended``); None once closed."""
         with self._lock:
             if self._closed:
-                return False
+                return None
+            ended = ""
             if self._channel is dead:
                 old = self.container_id
+                ended = _how_it_ended(old)
                 launched = _launch(self._options)
                 self.container_id, self.name, self._channel = launched["container_id"], launched["name"], launched["channel"]
                 dead.close()
                 _force_remove(old)
-            return True
+            return ended
 
     def _exec_run(self, command: str, *, timeout: float, stdin: bytes | None = None) -> ExecResult:
         """Run a command through ``docker exec``: the path for images without python3."""
@@ -593,6 +598,25 @@ def _start_failure(container_id: str, name: str, image: str, status: str) -> San
     logs = _client().api.logs(container_id, tail=20).decode("utf-8", "replace").strip()
     return SandboxError(f"sandbox container {name} did not start (status {status!r}) from image {image!r}: "
                         f"{logs or 'no output'}")
+
+
+def _how_it_ended(container_id: str) -> str:
+    """How a container whose agent went away ended, for the error that says so: its state (OOM-killed,
+    exit code) and the agent's last words on stderr. Empty when the engine cannot say."""
+    import docker
+
+    try:
+        deadline = time.monotonic() + 5  # the engine may record the exit a moment after the connection closed
+        while (state := _client().api.inspect_container(container_id)["State"]).get("Running") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        logs = _client().api.logs(container_id, stdout=False, stderr=True, tail=5).decode(errors="replace").strip()
+    except docker.errors.DockerException:
+        return ""
+    if state.get("Running"):
+        said = "the container still runs"
+    else:
+        said = "the container exited with code %s%s" % (state.get("ExitCode"), ", killed for lack of memory" if state.get("OOMKilled") else "")
+    return "; %s%s" % (said, "; the agent's last words: " + logs[-600:] if logs else "")
 
 
 def _force_remove(name_or_id: str) -> None:

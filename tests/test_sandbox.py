@@ -130,6 +130,18 @@ def test_output_beyond_the_limit_keeps_head_and_tail_with_a_marker(make_sandbox)
     assert r.stderr == "err\n"  # each stream has its own limit
 
 
+def test_a_container_killed_during_a_call_is_named_in_the_error_and_the_next_call_gets_a_fresh_one(make_sandbox):
+    sb, _ = make_sandbox()
+    first = sb.container_id
+    killer = threading.Timer(1.0, lambda: docker.from_env().containers.get(first).kill())
+    killer.start()
+    with pytest.raises(SandboxError, match=r"stopped during this call \(the connection closed; the container exited "
+                                           r"with code 137\); the call's effects are unknown"):
+        sb.run("sleep 30", timeout=60)
+    killer.join()
+    assert sb.run("echo fresh", timeout=20).stdout == "fresh\n" and sb.container_id != first
+
+
 def test_a_command_that_kills_its_supervisor_ends_its_call_and_leaves_nothing_behind(make_sandbox):
     sb, _ = make_sandbox()
     r = sb.run("sleep 100 & kill -9 $PPID; sleep 50", timeout=20)
