@@ -601,22 +601,26 @@ def _start_failure(container_id: str, name: str, image: str, status: str) -> San
 
 
 def _how_it_ended(container_id: str) -> str:
-    """How a container whose agent went away ended, for the error that says so: its state (OOM-killed,
-    exit code) and the agent's last words on stderr. Empty when the engine cannot say."""
+    """How a container whose agent went away ended, for the error that says so: its exit code, whether it
+    was killed for lack of memory, and the agent's last words on stderr. Empty when the engine cannot say."""
     import docker
 
+    api = _client().api
     try:
+        state = api.inspect_container(container_id)["State"]
         deadline = time.monotonic() + 5  # the engine may record the exit a moment after the connection closed
-        while (state := _client().api.inspect_container(container_id)["State"]).get("Running") and time.monotonic() < deadline:
+        while state["Running"] and time.monotonic() < deadline:
             time.sleep(0.1)
-        logs = _client().api.logs(container_id, stdout=False, stderr=True, tail=5).decode(errors="replace").strip()
+            state = api.inspect_container(container_id)["State"]
+        last_words = api.logs(container_id, stdout=False, stderr=True, tail=5).decode(errors="replace").strip()
     except docker.errors.DockerException:
         return ""
-    if state.get("Running"):
-        said = "the container still runs"
+    if state["Running"]:
+        ended = "; the container still runs"
     else:
-        said = "the container exited with code %s%s" % (state.get("ExitCode"), ", killed for lack of memory" if state.get("OOMKilled") else "")
-    return "; %s%s" % (said, "; the agent's last words: " + logs[-600:] if logs else "")
+        ended = f"; the container exited with code {state['ExitCode']}"
+        ended += ", killed for lack of memory" if state.get("OOMKilled") else ""
+    return ended + (f"; the agent's last words: {last_words[-600:]}" if last_words else "")
 
 
 def _force_remove(name_or_id: str) -> None:
