@@ -101,6 +101,15 @@ def browser():
         chromium.close()
 
 
+def screenshot(page, name: str, tmp_path: Path, **options) -> Path:
+    """Save a page's picture in the test's folder; with LOOPWRIGHT_SCREENSHOTS=docs/images, there instead
+    (how docs/observability.md's pictures are refreshed): a test leaves the checkout as it found it."""
+    folder = Path(os.environ.get("LOOPWRIGHT_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(folder / name), **options)
+    return folder / name
+
+
 # --- running loops ---------------------------------------------------------------------------
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "fix-failing-test"

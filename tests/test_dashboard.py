@@ -11,14 +11,11 @@ from pathlib import Path
 import httpx2
 import pytest
 
-from conftest import FIX, LOOPWRIGHT, ROOT, wait_for, write_spec
+from conftest import FIX, LOOPWRIGHT, ROOT, screenshot, wait_for, write_spec
 from daemon_process import DaemonProcess
 from model_server import ModelServer, text, tool_use
 
 from loopwright.runtime.store import Store
-
-SCREENSHOTS = ROOT / "docs" / "images"
-
 
 @pytest.fixture
 def daemon(home, tmp_path):
@@ -64,7 +61,7 @@ def sign_in(browser, daemon):
 
 
 def test_the_runs_page_follows_a_run_live_and_its_page_shows_iterations_chart_and_output(
-        daemon, project, browser, start_run, home):
+        daemon, project, browser, start_run, home, tmp_path):
     context, page = sign_in(browser, daemon)
     page.evaluate("window.notReloaded = true")
     run_id = start_run(spec_copy(project, "live", stop={"max_iterations": 2}),
@@ -75,8 +72,7 @@ def test_the_runs_page_follows_a_run_live_and_its_page_shows_iterations_chart_an
     row.locator("td.status", has_text="succeeded").wait_for(timeout=120_000)
     assert page.evaluate("window.notReloaded") is True  # updated in place, no reload
     assert "by hand" in row.inner_text() and "of $1.00" in row.inner_text()
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "runs-page.png"))
+    screenshot(page, "runs-page.png", tmp_path)
 
     row.locator("a").click()
     page.wait_for_url(f"**/runs/{run_id}")

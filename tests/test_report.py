@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from conftest import FIX, loopwright, run_id_of, write_spec
+from conftest import FIX, loopwright, run_id_of, screenshot, write_spec
 from model_server import text, tool_use
-
-SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "images"
 
 
 def test_the_report_opens_offline_and_shows_iterations_chart_and_calls(home, project, model, browser, tmp_path):
@@ -41,6 +37,5 @@ def test_the_report_opens_offline_and_shows_iterations_chart_and_calls(home, pro
     assert "exit code 1" in first_tool.locator("pre.output").inner_text()  # a tool call's output
     assert "sum(numbers) / len(numbers)" in page.inner_text("#diff")
 
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(SCREENSHOTS / "run-page.png"), full_page=False)
+    screenshot(page, "run-page.png", tmp_path, full_page=False)
     context.close()
