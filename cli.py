@@ -175,7 +175,7 @@ def run(file: Path, session: str | None) -> None:
         click.echo(f"replaying the model's answers of run {recorded.get('run', '?')} ({len(recorded['answers'])} "
                    "model calls) from a recorded session: no model is called, nothing is spent; "
                    "the sandbox, tools and checks are real")
-    runtime.launch(take_work=False)
+    runtime.launch(take_work=False, one_run=True)
     try:
         started = runtime.start_run(spec, here=True, replay=recorded)
         click.echo(f"run {started.id} of loop {spec.name} on branch {started.branch} (stop it with: loopwright stop {started.id})")

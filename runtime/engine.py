@@ -278,7 +278,9 @@ class LoopRun:
 
     def _prepare_worktree(self) -> dict[str, str]:
         reserve = getattr(self.rt.host.sandbox(self.spec.sandbox.kind), "reserve", None)
-        if reserve is not None:  # a warm pool moves its ready sandbox's empty folder to where the worktree goes
+        # A warm pool moves its ready sandbox's empty folder to where the worktree goes, and starts the next
+        # run's; a process that executes this run only has none ready, and no next run to keep one for.
+        if reserve is not None and not self.rt.one_run:
             reserve(run_id=self.id, worktree=self.rt.settings.worktrees / self.id, spec=self.spec)
         ws = self.spec.workspace
         start = worktrees.resolve_ref(Path(self.row.repo), ws.ref, ws.remote, ws.fetch) if ws.ref else None

@@ -101,6 +101,7 @@ class Runtime:
         self.launched = False
         self.recovered: list[str] = []  # runs of dead processes this one took over when it launched
         self.takes_work = False  # executes queued runs (a daemon, a worker), not only its own
+        self.one_run = False  # executes one run, then ends (a foreground `loopwright run`)
         self._beating = threading.Event()  # set: this process no longer beats (see _beat)
         self._client: Any = None
 
@@ -123,10 +124,11 @@ class Runtime:
 
     # --- executing -----------------------------------------------------------------------------
 
-    def launch(self, *, take_work: bool = True) -> None:
+    def launch(self, *, take_work: bool = True, one_run: bool = False) -> None:
         """Start the durable executor and clear sandboxes of dead processes. With `take_work` (a
         daemon, a worker, `recover`), also take queued runs and the runs of dead processes; a
-        foreground `loopwright run` executes only its own run, and an MCP server over stdio none."""
+        foreground `loopwright run` executes only its own run (`one_run`: no sandbox is kept warm
+        for a next), and an MCP server over stdio none."""
         from dbos import DBOS
 
         from .engine import bind_runtime
@@ -145,7 +147,7 @@ class Runtime:
             DBOS.listen_queues([])
         DBOS.launch()
         DBOS.register_queue(RUN_QUEUE, worker_concurrency=self.settings.max_parallel_runs, polling_interval_sec=0.2)
-        self.launched, self.takes_work = True, take_work
+        self.launched, self.takes_work, self.one_run = True, take_work, one_run
         threading.Thread(target=self._beat, args=(self._beating,), name="loopwright-heartbeat", daemon=True).start()
         for contribution in self.host.registries["sandboxes"].values():
             removed = contribution.value.reap_orphans()

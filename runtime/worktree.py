@@ -11,6 +11,7 @@ blobs hashed without filters, so no attribute the maker writes selects a command
 from __future__ import annotations
 
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -90,9 +91,16 @@ def _git_wt(wt: Worktree, *args: str, env: dict[str, str] | None = None, input: 
     return proc
 
 
+@functools.lru_cache(maxsize=64)
+def _common_dir(repo: Path) -> Path:
+    """The repository's own git folder, which its worktrees share: asked of git once per repository, not
+    before every git command on a run's worktree."""
+    return Path(_git(repo, "rev-parse", "--path-format=absolute", "--git-common-dir").stdout.strip())
+
+
 def admin_dir(repo: Path, path: Path) -> Path:
     """The ``.git/worktrees/<id>`` folder whose ``gitdir`` file names ``path``: the repository's files, not the worktree's."""
-    common = Path(_git(Path(repo), "rev-parse", "--path-format=absolute", "--git-common-dir").stdout.strip())
+    common = _common_dir(Path(repo))
     want = Path(path).resolve() / ".git"
     for gitdir in sorted((common / "worktrees").glob("*/gitdir")):
         if Path(gitdir.read_text().strip()) == want:

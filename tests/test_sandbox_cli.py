@@ -9,7 +9,7 @@ import anyio
 import pytest
 from mcp import Client
 
-from conftest import LOOPWRIGHT, loopwright, wait_for, write_spec
+from conftest import FIX, LOOPWRIGHT, loopwright, wait_for, write_spec
 from model_server import text, tool_use
 from loopwright.runtime.store import Store
 from loopwright.sandbox import list_sandboxes
@@ -75,6 +75,22 @@ async def test_a_process_serving_loops_gives_its_next_run_a_warm_sandbox(home, p
                 await anyio.sleep(0.1)
         assert boxes[0]["pooled"]  # started before the run, while the first one ran
         assert (await until_finished(client, second))["status"] == "failed"  # its one iteration did not fix it
+
+
+def test_a_foreground_run_warms_sandboxes_for_its_checks_but_none_for_a_next_run(home, project, model):
+    server = model([tool_use("run_command", {"command": "sleep 3"}), FIX, text("Fixed the off-by-one.")])
+    process = subprocess.Popen([*LOOPWRIGHT, "run", str(write_spec(project, stop={"max_iterations": 1}))],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: server.requests, "the maker's first model call")
+        wait_for(lambda: list((home / "checks" / ".pool").glob("pool-*")), "a sandbox warms up for the check")
+        assert list((home / "worktrees" / ".pool").glob("pool-*")) == []  # no next run in this process
+        assert process.wait(120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
 
 
 def test_sandbox_prune_removes_worktrees_of_old_finished_runs(home, git_repo):
