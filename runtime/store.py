@@ -217,6 +217,8 @@ class Store:
 
     def add_approval(self, approval_id: str, run_id: str, iteration: int, tool: str, input: dict[str, Any],
                      rule: str, timeout_s: float) -> None:
+        """A pending approval, and its run `waiting_approval`, in one transaction: no reader sees a run that
+        says `running` with a call waiting for a person."""
         now = time.time()
         with self.engine.begin() as db:
             if db.execute(sa.select(approvals.c.id).where(approvals.c.id == approval_id)).first() is None:
@@ -224,6 +226,7 @@ class Store:
                     id=approval_id, run_id=run_id, iteration=iteration, tool=tool, input=json.dumps(input),
                     rule=rule, status="pending", note="", created_at=now, expires_at=now + timeout_s,
                 ))
+            db.execute(runs.update().where(runs.c.id == run_id).values(status="waiting_approval"))
 
     def get_approval(self, approval_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as db:

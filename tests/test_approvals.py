@@ -19,6 +19,14 @@ def tool_result_text(request: dict) -> str:
     return request["messages"][-1]["content"][0]["content"]
 
 
+def test_a_pending_approval_is_never_seen_on_a_run_that_says_running(database):
+    store = Store(database)
+    store.create_run("r", "demo", {"name": "demo"}, "/repo", "loopwright/demo/r")
+    store.update_run("r", status="running")
+    store.add_approval("r.1.tool.1", "r", 1, "run_command", {"command": "echo deploy now"}, "echo deploy*", 60)
+    assert store.get_run("r").status == "waiting_approval"  # written in the approval's own transaction
+
+
 @pytest.mark.anyio
 async def test_a_gated_call_waits_through_a_restart_and_runs_once_approved(database, project, model):
     server = model([tool_use("run_command", {"command": "echo deploy now"}), FIX, text("fixed")])

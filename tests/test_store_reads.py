@@ -22,7 +22,8 @@ def stores(tmp_path):
     store.add_event("run-1", "1.tool.1", "tool_call", 1, {"tool": "t"}, duration_ms=4.0)
     store.add_event("run-1", "1.check.0.model", "model_call", 1, {"model": "r", "role": "reviewer"}, cost_usd=0.5)
     store.add_event("run-1", "2.model.1", "model_call", 2, {"model": "m", "role": "maker"}, output_tokens=2, cost_usd=0.125)
-    store.add_approval("ap-1", "run-1", 1, "run_command", {"command": "rm -rf build"}, "run_command: rm *", 60)
+    store.create_run("run-3", "c", {"name": "c", "stop": {"max_iterations": 3}}, "/repo", "loopwright/c/3")
+    store.add_approval("ap-1", "run-3", 1, "run_command", {"command": "rm -rf build"}, "run_command: rm *", 60)
     return store, reads_for(f"sqlite:///{path}")
 
 
@@ -33,6 +34,7 @@ def test_the_sqlite_reader_reads_what_the_store_wrote(stores):
     assert reads.list_runs() == store.list_runs()
     assert [r.id for r in reads.list_runs(loop="a")] == [r.id for r in store.list_runs(loop="a")] == ["run-2", "run-0"]
     assert reads.list_runs(status="running") == store.list_runs(status="running")
+    assert [r.id for r in reads.list_runs(status="waiting_approval")] == ["run-3"]
     assert reads.list_runs(limit=1) == store.list_runs(limit=1)
     assert reads.totals("run-1") == store.totals("run-1")
     assert reads.totals("run-0") == store.totals("run-0")
@@ -42,7 +44,7 @@ def test_the_sqlite_reader_reads_what_the_store_wrote(stores):
     assert [(r.role, r.model, r.calls, r.cost_usd) for r in store.spend_by_role("run-1")] == [
         ("reviewer", "r", 1, 0.5), ("maker", "m", 2, 0.375)]
     assert reads.list_approvals() == store.list_approvals()
-    assert reads.list_approvals("run-1", pending_only=False) == store.list_approvals("run-1", pending_only=False)
+    assert reads.list_approvals("run-3", pending_only=False) == store.list_approvals("run-3", pending_only=False)
 
 
 def test_the_sqlite_reader_names_an_unknown_run_and_reads_a_fresh_home_as_empty(stores, tmp_path):
